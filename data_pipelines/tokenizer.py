@@ -1,0 +1,107 @@
+"""A Hugging Face `tokenizers` tokenizer shaped the way megatron-core's datasets expect.
+
+megatron-core's GPTDataset never tokenizes; it only reads `eod` (loss/position masks), `pad`
+(padding the last sample), `vocab_size` (token dtype) and `unique_identifiers`, which it
+json-dumps into the hash that names its cached index files. So this class is duck-typed rather
+than a subclass of `MegatronTokenizerBase` (whose abstract chat-template API we do not need), and
+its `unique_identifiers` hold a hash of tokenizer.json: the same tokenizer anywhere on disk hits
+the same cache, a retrained one never does.
+"""
+
+import hashlib
+import os
+from collections import OrderedDict
+from typing import Iterable
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from data_pipelines.errors import DataConfigError
+
+EOD_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """Wraps a `tokenizers.Tokenizer` that defines the EOD_TOKEN and PAD_TOKEN specials."""
+
+    def __init__(self, hf_tokenizer: HFTokenizer) -> None:
+        self._tok = hf_tokenizer
+        ids = {t: hf_tokenizer.token_to_id(t) for t in (EOD_TOKEN, PAD_TOKEN)}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise DataConfigError(
+                f"tokenizer.path: the tokenizer lacks the special tokens {missing}; add "
+                f"{EOD_TOKEN!r} and {PAD_TOKEN!r} to it, or set tokenizer.path: null to train one"
+            )
+        self._eod, self._pad = ids[EOD_TOKEN], ids[PAD_TOKEN]
+        sha = hashlib.sha256(hf_tokenizer.to_str().encode("utf-8")).hexdigest()
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("tokenizer_json_sha256", sha)]
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        """Same as `tokenize` per text, but encoded in parallel by the Rust library."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write tokenizer.json into `directory`; returns the file's path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, TOKENIZER_FILE)
+        self._tok.save(path)
+        return path
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style: any string round-trips exactly) and save it.
+
+    The 256 byte symbols and the two specials are part of `vocab_size`, so it must exceed 258.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 259:
+        raise DataConfigError(
+            f"tokenizer.vocab_size: must be an integer >= 259 (256 bytes + 2 special tokens + "
+            f"at least one merge), got {vocab_size!r}"
+        )
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOD_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    tokenizer = Tokenizer(hf)
+    tokenizer.save(out_dir)
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a local directory holding tokenizer.json (never downloads)."""
+    file = os.path.join(path, TOKENIZER_FILE)
+    if not os.path.isfile(file):
+        raise DataConfigError(
+            f"tokenizer.path: expected a directory containing {TOKENIZER_FILE} (a Hugging Face "
+            f"`tokenizers` file), but {file} does not exist"
+        )
+    return Tokenizer(HFTokenizer.from_file(file))

@@ -1,0 +1,1 @@
+"""Hydra entry points, config validation, the staged pipeline runner and its workers."""

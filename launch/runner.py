@@ -1,0 +1,147 @@
+"""The staged pipeline runner: prepares data once, then runs ``pipeline.order`` stage by stage.
+
+Each stage runs as its own torchrun job in ``<run_dir>/<NN>_<stage>/`` and hands its final checkpoint
+to the next. Re-running the same command skips stages whose manifest says ``complete`` and resumes an
+unfinished one from its latest checkpoint. A finished stage is never re-run or overwritten: if the
+config that defines it changed, the runner stops and says what changed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_ext import manifest
+from megatron_ext.errors import ConfigError
+from megatron_ext.quiet import quiet_known_warnings
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, log: Path):
+        super().__init__(
+            f"stage {stage!r} failed with exit code {returncode}; its log is {log}. "
+            f"Re-running the same command resumes it from its last checkpoint."
+        )
+        self.stage, self.returncode, self.log = stage, returncode, log
+
+
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    return Path(run_dir) / f"{index + 1:02d}_{name}"
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _describe_changes(old: dict, new: dict, limit: int = 5) -> str:
+    a, b = _flatten(old), _flatten(new)
+    changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    more = f" (and {len(changed) - limit} more)" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log(msg: str) -> None:
+    print(f"[pipeline] {msg}", flush=True)
+
+
+def _launch(sdir: Path, name: str, parallel: DictConfig, cluster: DictConfig) -> None:
+    """Run one stage with torchrun, streaming its output to the console and to logs/worker.log."""
+    port = cluster.get("master_port") or _free_port()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={parallel.nproc_per_node}", f"--nnodes={parallel.get('nnodes', 1)}",
+        "--master_addr=127.0.0.1", f"--master_port={port}",
+        "-m", "launch.stage_worker", str(sdir),
+    ]
+    log_path = sdir / "logs" / "worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        try:
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log.write(chunk)
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C or a kill of the runner: stop the stage too
+            proc.terminate()
+            proc.wait()
+            raise
+    if returncode != 0:
+        raise StageFailed(name, returncode, log_path)
+
+
+def run_pipeline(cfg: DictConfig) -> list[dict]:
+    """Run (or resume) every stage of ``cfg.pipeline.order``; returns their manifests."""
+    quiet_known_warnings()
+    from data_pipelines.prepare import prepare_data
+
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "pipeline.yaml", resolve=True)
+    full = OmegaConf.to_container(cfg, resolve=True)
+
+    _log(f"run folder {run_dir}")
+    _log("preparing data (reused when already prepared)")
+    prepared = prepare_data(cfg.data, run_dir / "data", int(cfg.seed))
+    sources = ", ".join(f"{name} {st['documents']} docs / {st['tokens']} tokens"
+                        for name, st in prepared.stats["sources"].items())
+    _log(f"data ready in {run_dir / 'data'}: vocab {prepared.stats['vocab_size']}; {sources}")
+
+    manifests = []
+    parent: str | None = None
+    for index, name in enumerate(cfg.pipeline.order):
+        sdir = stage_dir(run_dir, index, name)
+        start_from = cfg.stages[name].get("init_from") or parent
+        wanted = manifest.stage_identity(full, name, start_from)
+        existing = manifest.read(sdir)
+        if existing is not None:
+            recorded = manifest.stage_identity(existing["config"], name, existing["parent_checkpoint"])
+            if recorded != wanted:
+                state = "finished" if existing["status"] == manifest.COMPLETE else "started"
+                raise ConfigError(
+                    f"stage {name!r} in {sdir} was {state} with a different config "
+                    f"({_describe_changes(recorded, wanted)}). A stage is never silently overwritten: "
+                    f"use a new run_dir=..., or delete {sdir} to run it again"
+                )
+            if existing["status"] == manifest.COMPLETE:
+                _log(f"{sdir.name}: complete ({existing['steps']} steps), skipping")
+                manifests.append(existing)
+                parent = str(sdir / existing["checkpoint"])
+                continue
+            _log(f"{sdir.name}: unfinished, resuming")
+        else:
+            _log(f"{sdir.name}: starting" + (f" from {start_from}" if start_from else " from random init"))
+        sdir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(
+            OmegaConf.create({"stage_name": name, "parent_checkpoint": start_from, "config": full}),
+            sdir / "config.yaml",
+        )
+        _launch(sdir, name, cfg.parallel, cfg.cluster)
+        done = manifest.read(sdir)
+        assert done is not None and done["status"] == manifest.COMPLETE, f"{sdir}: worker exited without completing"
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in done["final_metrics"].items() if isinstance(v, float))
+        _log(f"{sdir.name}: complete in {done['wall_time_s']:.1f}s ({metrics})")
+        manifests.append(done)
+        parent = str(sdir / done["checkpoint"])
+    return manifests

@@ -1,0 +1,70 @@
+"""One rank of one stage: ``torchrun ... -m launch.stage_worker <stage_dir>``.
+
+Reads the resolved config the runner wrote to ``<stage_dir>/config.yaml``, starts the process
+groups, runs the stage, and (rank 0) keeps the manifest: an attempt entry at start (noting the step it
+resumes from), progress after every checkpoint, the result at the end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from megatron_ext.quiet import quiet_known_warnings
+
+
+def main(stage_dir: str) -> int:
+    quiet_known_warnings()
+    from omegaconf import OmegaConf
+
+    from launch.stages import STAGE_KINDS
+    from megatron_ext import checkpointing, distributed, manifest
+    from megatron_ext.stage import StageContext
+
+    stage_dir = Path(stage_dir).resolve()
+    run_cfg = OmegaConf.load(stage_dir / "config.yaml")
+    name = run_cfg.stage_name
+    parent = run_cfg.parent_checkpoint
+    cfg = run_cfg.config
+    env = distributed.initialize(cfg.parallel, int(cfg.seed))
+    t0 = time.perf_counter()
+
+    if env.is_main:
+        latest = checkpointing.latest_checkpoint(stage_dir / "checkpoints")
+        resumed_from = int(latest.name.split("_")[-1]) if latest is not None else None
+        manifest.begin_attempt(stage_dir, name, cfg.stages[name].kind,
+                               OmegaConf.to_container(cfg, resolve=True), parent, resumed_from)
+        if resumed_from is not None:
+            print(f"[{name}] resuming from {latest}", flush=True)
+
+    def on_checkpoint(steps: int, tokens: int) -> None:
+        if env.is_main:
+            manifest.record_progress(stage_dir, steps, tokens, time.perf_counter() - t0)
+
+    def record_metrics(metrics: dict) -> None:
+        if env.is_main:
+            manifest.record_metrics(stage_dir, metrics)
+
+    ctx = StageContext(name=name, cfg=cfg, stage_dir=stage_dir, parent_checkpoint=parent, env=env,
+                       on_checkpoint=on_checkpoint, record_metrics=record_metrics)
+    stage_module = importlib.import_module(STAGE_KINDS[cfg.stages[name].kind])
+    result = stage_module.run(ctx)
+    if env.is_main:
+        manifest.complete(
+            stage_dir,
+            checkpoint=str(Path(result.checkpoint).relative_to(stage_dir)),
+            steps=result.steps,
+            tokens_seen=result.tokens_seen,
+            final_metrics=result.final_metrics,
+            data_fingerprint=result.data_fingerprint,
+            elapsed_s=time.perf_counter() - t0,
+            extra=result.extra,
+        )
+    distributed.destroy()
+    return 0
+
+
+if __name__ == "__main__":  # guarded: dist_checkpointing's writer re-imports __main__
+    sys.exit(main(sys.argv[1]))

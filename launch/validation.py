@@ -1,0 +1,158 @@
+"""Check a resolved config before any process starts.
+
+Pure Python over the config (no torch / megatron-core import), so a bad config fails in about a
+second. Every error names the field as it is spelled on the command line and says how to fix it.
+Only the first problem found is reported: fixing it and re-running shows the next.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from launch.stages import STAGE_KINDS
+from megatron_ext.errors import ConfigError
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _positive_int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{field}={value!r}: must be a positive integer")
+    return value
+
+
+def _divides(n: int, n_field: str, d: int, d_field: str) -> None:
+    if n % d:
+        raise ConfigError(
+            f"{n_field}={n} is not divisible by {d_field}={d}: choose {d_field} from {_divisors(n)} "
+            f"or change {n_field}"
+        )
+
+
+def validate_parallel(model: Mapping, parallel: Mapping) -> dict[str, int]:
+    """Divisibility rules of megatron-core's layouts; returns the derived sizes."""
+    tp = _positive_int(parallel["tensor_model_parallel_size"], "parallel.tensor_model_parallel_size")
+    pp = _positive_int(parallel["pipeline_model_parallel_size"], "parallel.pipeline_model_parallel_size")
+    ep = _positive_int(parallel["expert_model_parallel_size"], "parallel.expert_model_parallel_size")
+    nproc = _positive_int(parallel["nproc_per_node"], "parallel.nproc_per_node")
+    nnodes = _positive_int(parallel.get("nnodes", 1), "parallel.nnodes")
+    heads = _positive_int(model["num_attention_heads"], "model.num_attention_heads")
+    _divides(heads, "model.num_attention_heads", tp, "parallel.tensor_model_parallel_size")
+    groups = model.get("num_query_groups") or heads
+    _divides(groups, "model.num_query_groups", tp, "parallel.tensor_model_parallel_size")
+    _divides(heads, "model.num_attention_heads", groups, "model.num_query_groups")
+    hidden = _positive_int(model["hidden_size"], "model.hidden_size")
+    _divides(hidden, "model.hidden_size", heads, "model.num_attention_heads")
+    layers = _positive_int(model["num_layers"], "model.num_layers")
+    _divides(layers, "model.num_layers", pp, "parallel.pipeline_model_parallel_size")
+    world = nproc * nnodes
+    if world % (tp * pp):
+        raise ConfigError(
+            f"parallel: world size {world} (nproc_per_node x nnodes) is not divisible by "
+            f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp * pp}; "
+            f"make nproc_per_node x nnodes a multiple of {tp * pp}"
+        )
+    dp = world // (tp * pp)
+    experts = model.get("num_moe_experts")
+    if experts:
+        _divides(experts, "model.num_moe_experts", ep, "parallel.expert_model_parallel_size")
+        if dp % ep:
+            raise ConfigError(
+                f"parallel.expert_model_parallel_size={ep} must divide the data-parallel size {dp} "
+                f"(experts are spread over data-parallel ranks); choose one of {_divisors(dp)}"
+            )
+        topk = _positive_int(model.get("moe_router_topk", 2), "model.moe_router_topk")
+        if topk > experts:
+            raise ConfigError(f"model.moe_router_topk={topk} exceeds model.num_moe_experts={experts}")
+    elif ep > 1:
+        raise ConfigError(
+            f"parallel.expert_model_parallel_size={ep} needs an MoE model; this model has no "
+            f"num_moe_experts: set parallel.expert_model_parallel_size=1"
+        )
+    return {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "world": world}
+
+
+def validate_train(train: Mapping, prefix: str, dp: int) -> None:
+    steps = _positive_int(train["steps"], f"{prefix}.steps")
+    mbs = _positive_int(train["micro_batch_size"], f"{prefix}.micro_batch_size")
+    gbs = _positive_int(train["global_batch_size"], f"{prefix}.global_batch_size")
+    if gbs % (mbs * dp):
+        raise ConfigError(
+            f"{prefix}.global_batch_size={gbs} must be a multiple of micro_batch_size x data-parallel "
+            f"size = {mbs} x {dp}; e.g. set it to {mbs * dp * max(1, gbs // (mbs * dp))}"
+        )
+    style = train["lr_decay_style"]
+    if style not in LR_DECAY_STYLES:
+        raise ConfigError(f"{prefix}.lr_decay_style={style!r}: choose one of {list(LR_DECAY_STYLES)}")
+    warmup = train["warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= steps:
+        raise ConfigError(f"{prefix}.warmup_steps={warmup!r}: must be an integer in [0, steps={steps}]")
+    if style == "WSD":
+        decay = train.get("wsd_decay_steps")
+        if not isinstance(decay, int) or not 0 < decay <= steps - warmup:
+            raise ConfigError(
+                f"{prefix}.wsd_decay_steps={decay!r}: WSD needs the length of its final decay phase, "
+                f"an integer in [1, steps - warmup_steps = {steps - warmup}]"
+            )
+    if not float(train["min_lr"]) <= float(train["lr"]):
+        raise ConfigError(f"{prefix}.min_lr={train['min_lr']} must not exceed {prefix}.lr={train['lr']}")
+
+
+def validate_data(data: Mapping) -> None:
+    tokenizer_path = (data.get("tokenizer") or {}).get("path")
+    if tokenizer_path and not os.path.isdir(tokenizer_path):
+        raise ConfigError(
+            f"data.tokenizer.path={tokenizer_path!r} does not exist; point it at a local tokenizer "
+            f"folder (with tokenizer.json) or set it to null to train one on the sources"
+        )
+    sources = data.get("sources") or {}
+    if not sources:
+        raise ConfigError("data.sources is empty: add at least one generator or file source")
+    for name, src in sources.items():
+        path = src.get("path")
+        if path is not None and not os.path.exists(path):
+            raise ConfigError(
+                f"data.sources.{name}.path={path!r} does not exist; fix the path or remove the source"
+            )
+        if path is None and not src.get("generator"):
+            raise ConfigError(f"data.sources.{name}: give either path (a local file) or generator")
+
+
+def validate(cfg: Mapping) -> dict[str, int]:
+    """Raise :class:`ConfigError` on the first problem; return the derived parallel sizes."""
+    sizes = validate_parallel(cfg["model"], cfg["parallel"])
+    _positive_int(cfg["model"]["seq_length"], "model.seq_length")
+    validate_data(cfg["data"])
+    order = list(cfg["pipeline"]["order"])
+    if not order:
+        raise ConfigError("pipeline.order is empty: list the stages to run")
+    stages = cfg.get("stages") or {}
+    for name in order:
+        if name not in stages:
+            raise ConfigError(
+                f"pipeline.order names unknown stage {name!r}; configured stages: {sorted(stages)} "
+                f"(add one with +stages.{name}=... or a pipeline preset)"
+            )
+    if len(set(order)) != len(order):
+        raise ConfigError(f"pipeline.order={order} lists a stage twice; give each run its own name")
+    mixes = cfg["data"].get("mixes") or {}
+    for name in order:
+        st = stages[name]
+        kind = st.get("kind")
+        if kind not in STAGE_KINDS:
+            raise ConfigError(f"stages.{name}.kind={kind!r} is not a known stage; choose one of {sorted(STAGE_KINDS)}")
+        if st.get("mix") not in mixes:
+            raise ConfigError(f"stages.{name}.mix={st.get('mix')!r} is not one of data.mixes {sorted(mixes)}")
+        init_from = st.get("init_from")
+        if init_from and not os.path.isdir(init_from):
+            raise ConfigError(
+                f"stages.{name}.init_from={init_from!r}: parent checkpoint not found; point it at a "
+                f"checkpoint folder (e.g. <run_dir>/01_pretrain/checkpoints/iter_0000300) or set null"
+            )
+        validate_train(st["train"], f"stages.{name}.train", sizes["dp"])
+    return sizes

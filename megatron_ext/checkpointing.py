@@ -1,0 +1,148 @@
+"""Training checkpoints with megatron-core ``dist_checkpointing``.
+
+Layout of a checkpoint root (one per stage)::
+
+    checkpoints/
+      iter_0000050/      dist_checkpointing folder (model, optimizer, scheduler, progress)
+      iter_0000100/
+      latest             text file naming the newest *complete* iteration folder
+
+``latest`` is replaced atomically (write + ``os.replace``) only after every rank has finished writing,
+so a crash during a save leaves the previous checkpoint as "latest". Checkpoints are sharded by
+megatron-core's ``sharded_state_dict``, so a checkpoint saved under one parallel layout loads under
+another (the distributed optimizer uses the ``dp_reshardable`` format, see REFERENCE section 2).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+LATEST_FILE = "latest"
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def iteration_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    marker = Path(root) / LATEST_FILE
+    if not marker.exists():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _model_sharded_state_dict(model) -> dict:
+    module = model.module if hasattr(model, "module") else model
+    return module.sharded_state_dict()
+
+
+def save(root: Path, step: int, model, optimizer=None, scheduler=None, progress: dict | None = None,
+         keep_last: int | None = None) -> Path:
+    """Save a checkpoint collectively on all ranks and mark it latest once complete."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    path = iteration_dir(root, step)
+    if dist.get_rank() == 0:
+        if path.exists():  # a leftover of an interrupted save of this same step
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    dist.barrier()
+    state: dict[str, Any] = {"model": _model_sharded_state_dict(model)}
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)  # a save before the first update has none yet
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=_OPTIMIZER_METADATA)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    state["progress"] = dict(progress or {}, step=step)
+    dist_checkpointing.save(state, str(path))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = root / (LATEST_FILE + ".tmp")
+        tmp.write_text(path.name + "\n")
+        os.replace(tmp, root / LATEST_FILE)
+        if keep_last:
+            _prune(root, keep_last)
+    dist.barrier()
+    return path
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    iters = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    latest = latest_checkpoint(root)
+    for old in iters[:-keep_last]:
+        if old != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh torch Adam the state it would create lazily (zero moments, step 0).
+
+    Without TE/apex, megatron-core's distributed optimizer reads every parameter's ``step`` when it
+    builds a sharded state dict (to save, or as the request of a load), and a freshly built optimizer
+    has no state yet. The values equal torch's lazy initialisation, so training is unchanged; unlike
+    a dummy ``step()`` this leaves the weights untouched.
+    """
+    inner_optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    for inner in inner_optimizers:
+        torch_opt = inner.optimizer
+        for group in torch_opt.param_groups:
+            for p in group["params"]:
+                state = torch_opt.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Set every parameter's Adam ``step`` from its param group's checkpointed step.
+
+    megatron-core 0.16.1's distributed optimizer without TE/apex keeps the checkpointed step only in
+    the param groups; the per-parameter ``step`` tensors end up holding the placeholder it was asked
+    to load into (or one tensor shared by all parameters, which torch's foreach Adam increments once
+    per parameter). Either way bias correction goes wrong from the first update after a resume.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = inner.optimizer
+        for group in torch_opt.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                torch_opt.state[p]["step"] = torch.tensor(float(group["step"]))
+
+
+def load(path: Path, model, optimizer=None, scheduler=None) -> dict:
+    """Load model (and optimizer/scheduler when given) in place; returns the saved progress dict.
+
+    Loading only the model is how a stage starts from its parent stage's checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    model_sd = _model_sharded_state_dict(model)
+    request: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA
+        )
+    with torch.no_grad():  # the optimizer copies into views of leaf parameters
+        loaded = dist_checkpointing.load(request, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        module = model.module if hasattr(model, "module") else model
+        module.load_state_dict(loaded["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(optimizer)
+    if scheduler is not None and "scheduler" in loaded:
+        scheduler.load_state_dict(loaded["scheduler"])
+    return dict(loaded.get("progress", {}))

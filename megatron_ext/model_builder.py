@@ -1,0 +1,84 @@
+"""Resolved Hydra ``model`` + ``parallel`` config -> megatron-core ``TransformerConfig`` and model.
+
+The ``model/`` presets use ``TransformerConfig`` field names directly, plus a few model-level keys
+(:data:`MODEL_LEVEL_KEYS`), so there is one name for each setting from YAML to megatron-core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer import TransformerConfig
+
+from megatron_ext import cpu_backend
+from megatron_ext.errors import ConfigError
+from megatron_ext.models import hunyuan_moe
+
+FAMILIES = {"hunyuan_moe": hunyuan_moe}
+
+# Keys of a model preset that are not TransformerConfig fields.
+MODEL_LEVEL_KEYS = {"family", "seq_length", "rotary_base", "vocab_size", "activation"}
+
+class ModelConfigError(ConfigError):
+    """A model preset names a field megatron-core does not know, or an unsupported value."""
+
+
+def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, Any]) -> TransformerConfig:
+    """Build the TransformerConfig for this machine (CPU-safe flags when the CPU backend is active)."""
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    fields = {k: v for k, v in model_cfg.items() if k not in MODEL_LEVEL_KEYS}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ModelConfigError(
+            f"model.{unknown[0]}: not a megatron-core TransformerConfig field; fix the name or remove it "
+            f"(model-level keys are {sorted(MODEL_LEVEL_KEYS)})"
+        )
+    activation = model_cfg.get("activation", "swiglu")
+    if activation != "swiglu":
+        raise ModelConfigError(f"model.activation={activation!r}: only 'swiglu' is supported")
+    tp = int(parallel_cfg["tensor_model_parallel_size"])
+    cpu = cpu_backend.is_enabled()
+    fields.update(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=int(parallel_cfg["pipeline_model_parallel_size"]),
+        expert_model_parallel_size=int(parallel_cfg["expert_model_parallel_size"]),
+        sequence_parallel=bool(parallel_cfg.get("sequence_parallel") or False) and tp > 1,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        params_dtype=torch.float32 if cpu else torch.bfloat16,
+        bf16=not cpu,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+    if fields.get("num_moe_experts"):
+        fields.setdefault("moe_token_dispatcher_type", "allgather")
+        fields.setdefault("moe_router_load_balancing_type", "aux_loss")
+        fields["moe_grouped_gemm"] = False
+        if int(fields.get("moe_router_topk", 2)) == 1:
+            # megatron-core: top-1 routing only gives a gradient to the router with pre-softmax.
+            fields["moe_router_pre_softmax"] = True
+    return TransformerConfig(**fields)
+
+
+def build_model(model_cfg: Mapping[str, Any], config: TransformerConfig, vocab_size: int) -> torch.nn.Module:
+    """This rank's model chunk (pipeline stage); not yet wrapped in DDP."""
+    family = model_cfg.get("family", "hunyuan_moe")
+    if family not in FAMILIES:
+        raise ModelConfigError(f"model.family={family!r}: choose one of {sorted(FAMILIES)}")
+    return FAMILIES[family].build(
+        config,
+        vocab_size=vocab_size,
+        max_sequence_length=int(model_cfg["seq_length"]),
+        rotary_base=float(model_cfg.get("rotary_base", 10000)),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )

@@ -1,0 +1,1 @@
+"""Model families built on megatron-core: one module per family, each with its spec and builder."""

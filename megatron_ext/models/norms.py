@@ -1,0 +1,29 @@
+"""Torch RMSNorm / LayerNorm usable with sequence parallelism.
+
+megatron-core's ``WrappedTorchNorm`` refuses ``sequence_parallel`` because, with sequence-sharded
+activations, each TP rank sees only part of the sequence and the norm weight's gradient must be summed
+over the TP group. megatron-core already does that sum in ``finalize_model_grads`` for every parameter
+marked ``sequence_parallel=True``; this norm marks its parameters, which is all that was missing.
+MoE training with TP > 1 requires sequence parallelism, so the local (no-TE) spec needs this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.core.transformer import TransformerConfig
+
+
+class SequenceParallelTorchNorm:
+    """Factory with megatron-core's norm signature, returning ``torch.nn.RMSNorm``/``LayerNorm``."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"normalization={config.normalization!r}: use RMSNorm or LayerNorm")
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        return norm

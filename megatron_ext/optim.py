@@ -1,0 +1,73 @@
+"""megatron-core optimizer (DDP + distributed optimizer) and LR schedule from a stage's ``train`` config.
+
+Schedules are megatron-core's ``OptimizerParamScheduler``: linear warm-up then ``cosine`` (or
+``linear`` / ``constant``) decay to ``min_lr``, or ``WSD`` (warm-up, stable, decay over
+``wsd_decay_steps`` at the end).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+
+def wrap_ddp(model, config: TransformerConfig, use_distributed_optimizer: bool) -> DistributedDataParallel:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+
+
+def connect_schedule_hooks(config: TransformerConfig, ddp_model, optimizer) -> None:
+    """Give megatron-core's forward/backward schedules the hooks Megatron-LM's trainer installs.
+
+    Without ``finalize_model_grads_func`` the schedules never finish DDP's gradient reduction, nor
+    the tensor-parallel all-reduce of sequence-parallel / QK-norm weight gradients: every rank would
+    step on its local gradients. ``no_sync_func`` defers the reduction to the last micro-batch.
+    """
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = ddp_model.no_sync
+
+
+def build_optimizer(train: Mapping[str, Any], ddp_model, bf16: bool, use_distributed_optimizer: bool):
+    """Return (optimizer, scheduler) for one model chunk list."""
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=float(train["lr"]),
+        min_lr=float(train["min_lr"]),
+        weight_decay=float(train["weight_decay"]),
+        adam_beta1=float(train["adam_beta1"]),
+        adam_beta2=float(train["adam_beta2"]),
+        adam_eps=float(train.get("adam_eps", 1e-8)),
+        clip_grad=float(train["clip_grad"]),
+        bf16=bf16,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    connect_schedule_hooks(ddp_model.config, ddp_model, optimizer)
+    steps = int(train["steps"])
+    style = train["lr_decay_style"]
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=float(train.get("init_lr", 0.0)),
+        max_lr=float(train["lr"]),
+        min_lr=float(train["min_lr"]),
+        lr_warmup_steps=int(train["warmup_steps"]),
+        lr_decay_steps=steps,
+        lr_decay_style=style,
+        start_wd=float(train["weight_decay"]),
+        end_wd=float(train["weight_decay"]),
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=int(train["wsd_decay_steps"]) if style == "WSD" else None,
+        lr_wsd_decay_style=train.get("lr_wsd_decay_style", "linear") if style == "WSD" else None,
+    )
+    return optimizer, scheduler

@@ -1,0 +1,221 @@
+"""The training loop around megatron-core's forward/backward schedules.
+
+Reads top to bottom: for each step, run the schedule over the step's micro-batches (gradient
+accumulation and pipeline parallelism are megatron-core's), step the optimizer and LR schedule, log,
+evaluate and checkpoint at their intervals. The step number is the whole data-loader state: batches
+are a pure function of (step, micro-batch, data-parallel rank), so a resumed run sees exactly the
+samples the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext import checkpointing
+from megatron_ext.metrics import MetricsWriter
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    resumed_from_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+class StepBatches:
+    """Deterministic micro-batches of a map-style dataset for a given step.
+
+    Global batch ``step`` covers samples ``[step * G, (step + 1) * G)`` (G = global batch size);
+    micro-batch ``m`` of data-parallel rank ``r`` is the slice starting at ``(m * DP + r) * B``.
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int):
+        per_step = micro_batch_size * dp_size
+        if global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={global_batch_size} must be a multiple of "
+                f"micro_batch_size x data_parallel = {per_step}"
+            )
+        self.dataset = dataset
+        self.mbs = micro_batch_size
+        self.gbs = global_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.num_microbatches = global_batch_size // per_step
+
+    def microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for m in range(self.num_microbatches):
+            start = step * self.gbs + (m * self.dp_size + self.dp_rank) * self.mbs
+            samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.mbs)]
+            out.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]})
+        return out
+
+
+def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.float()
+    total = (per_token_loss.float() * mask).sum()
+    count = mask.sum().clamp(min=1)
+    loss = total / count
+    return loss, {"lm_loss": torch.stack([total.detach(), count.detach()])}
+
+
+def lm_forward_step(batch_iter, model):
+    """megatron-core forward step for causal LM batches from :class:`StepBatches`."""
+    batch = next(batch_iter)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, lambda out: _masked_mean_loss(batch["loss_mask"], out)
+
+
+def _reduce_lm_loss(losses: Sequence[dict]) -> float:
+    """Token-weighted mean LM loss of one step across micro-batches and data-parallel ranks."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        totals = torch.zeros(2)
+    else:
+        totals = torch.stack([d["lm_loss"] for d in losses]).sum(0) if losses else torch.zeros(2)
+    totals = totals.to(torch.float64)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    # the last pipeline stage holds the loss; share it with the other stages
+    dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+class Trainer:
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        train_cfg: Mapping[str, Any],
+        train_batches: StepBatches,
+        valid_batches: StepBatches | None,
+        checkpoint_root: Path,
+        metrics: MetricsWriter,
+        seq_length: int,
+        forward_step: Callable = lm_forward_step,
+        on_checkpoint: Callable[[TrainState, Path], None] | None = None,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.cfg = train_cfg
+        self.train_batches = train_batches
+        self.valid_batches = valid_batches
+        self.checkpoint_root = Path(checkpoint_root)
+        self.metrics = metrics
+        self.seq_length = seq_length
+        self.forward_step = forward_step
+        self.on_checkpoint = on_checkpoint
+        self.state = TrainState()
+        self._fwd_bwd = get_forward_backward_func()
+
+    # -- state ---------------------------------------------------------------------------------
+    def restore(self, parent_checkpoint: str | None) -> None:
+        """Resume from this stage's latest checkpoint, else start from the parent stage's weights."""
+        latest = checkpointing.latest_checkpoint(self.checkpoint_root)
+        if latest is not None:
+            progress = checkpointing.load(latest, self.model, self.optimizer, self.scheduler)
+            self.state.step = int(progress["step"])
+            self.state.tokens_seen = int(progress.get("tokens_seen", 0))
+            self.state.resumed_from_step = self.state.step
+        elif parent_checkpoint:
+            checkpointing.load(Path(parent_checkpoint), self.model)
+
+    def save(self) -> Path:
+        path = checkpointing.save(
+            self.checkpoint_root,
+            self.state.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            progress={"tokens_seen": self.state.tokens_seen},
+            keep_last=self.cfg.get("keep_last_checkpoints"),
+        )
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.state, path)
+        return path
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
+        return self._fwd_bwd(
+            forward_step_func=self.forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.model],
+            num_microbatches=len(microbatches),
+            seq_length=self.seq_length,
+            micro_batch_size=self.train_batches.mbs,
+            forward_only=forward_only,
+        )
+
+    def train_step(self) -> dict[str, float]:
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run_schedule(self.train_batches.microbatches(self.state.step), forward_only=False)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the LR this update uses
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.state.step += 1
+        self.state.tokens_seen += self.train_batches.gbs * self.seq_length
+        return {
+            "loss": _reduce_lm_loss(losses),
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "lr": lr,
+            "update_skipped": not update_ok,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.valid_batches is None:
+            return None
+        self.model.eval()
+        losses = []
+        for i in range(int(self.cfg.get("eval_iters", 1))):
+            losses.extend(self._run_schedule(self.valid_batches.microbatches(i), forward_only=True))
+        self.model.train()
+        return _reduce_lm_loss(losses)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        total = int(self.cfg["steps"])
+        log_every = int(self.cfg.get("log_interval", 1))
+        save_every = int(self.cfg.get("save_interval", 0)) or total
+        eval_every = int(self.cfg.get("eval_interval", 0)) or total
+        is_main = dist.get_rank() == 0
+        bar = None
+        if is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
+        last: dict[str, float] = {}
+        while self.state.step < total:
+            t0 = time.perf_counter()
+            last = self.train_step()
+            dt = time.perf_counter() - t0
+            tokens_per_s = self.train_batches.gbs * self.seq_length / dt
+            step = self.state.step
+            if step % log_every == 0 or step == total:
+                self.metrics.write(step, {**last, "tokens_per_s": tokens_per_s,
+                                          "tokens_seen": self.state.tokens_seen, "step_time_s": dt})
+            if step % eval_every == 0 or step == total:
+                last["valid_loss"] = self.evaluate()
+                if last["valid_loss"] is not None:
+                    self.metrics.write(step, {"loss": last["valid_loss"]}, split="valid")
+            if step % save_every == 0 or step == total:
+                self.save()
+            if bar is not None:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return last

@@ -1,0 +1,1 @@
+"""Post-training stages (SFT, CoT fusion, deliberation, RL); none are implemented yet."""

@@ -1,0 +1,1 @@
+"""Pretraining stages (main pretraining, annealing, later long-context) around megatron-core."""

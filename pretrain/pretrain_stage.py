@@ -1,0 +1,84 @@
+"""Causal-LM pretraining stage: a data mix, a Hunyuan-style model, megatron-core training.
+
+Main pretraining and annealing are this one stage with different configs (``stage/pretrain.yaml``:
+warm-up + cosine on the main mix; ``stage/anneal.yaml``: a higher-quality mix, LR decaying to its
+floor, starting from the previous stage's weights).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from megatron.core import parallel_state
+
+from data_pipelines.gpt_datasets import build_gpt_datasets
+from data_pipelines.prepare import data_fingerprint, prepare_data
+from data_pipelines.tokenizer import load_tokenizer
+from megatron_ext import model_builder, optim
+from megatron_ext.checkpointing import latest_checkpoint
+from megatron_ext.metrics import MetricsWriter
+from megatron_ext.stage import StageContext, StageResult
+from megatron_ext.trainer import StepBatches, Trainer
+
+VOCAB_PAD_MULTIPLE = 128  # as Megatron-LM's make_vocab_size_divisible_by, times TP below
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    multiple = VOCAB_PAD_MULTIPLE * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, st, env = ctx.cfg, ctx.stage_cfg, ctx.env
+    train = st.train
+    seq_length = int(cfg.model.seq_length)
+    data_dir = ctx.run_dir / "data"
+    prepared = prepare_data(cfg.data, data_dir, cfg.seed)
+    mix = cfg.data.mixes[st.mix]
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    gbs, mbs, steps = int(train.global_batch_size), int(train.micro_batch_size), int(train.steps)
+    train_ds, valid_ds = build_gpt_datasets(
+        prepared, mix, seq_length,
+        train_samples=steps * gbs,
+        valid_samples=int(train.eval_iters) * gbs,
+        seed=int(cfg.seed),
+        split=cfg.data.split,
+        cache_dir=data_dir / "cache",
+    )
+
+    config = model_builder.transformer_config(cfg.model, cfg.parallel)
+    model = model_builder.build_model(cfg.model, config, padded_vocab_size(tokenizer.vocab_size, env.tp))
+    use_dist_opt = bool(cfg.parallel.use_distributed_optimizer)
+    ddp_model = optim.wrap_ddp(model, config, use_dist_opt)
+    optimizer, scheduler = optim.build_optimizer(train, ddp_model, bf16=config.bf16,
+                                                 use_distributed_optimizer=use_dist_opt)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    trainer = Trainer(
+        ddp_model, optimizer, scheduler, train,
+        train_batches=StepBatches(train_ds, mbs, gbs, dp_rank, env.dp),
+        valid_batches=StepBatches(valid_ds, mbs, gbs, dp_rank, env.dp) if valid_ds is not None else None,
+        checkpoint_root=ctx.stage_dir / "checkpoints",
+        metrics=MetricsWriter(ctx.stage_dir / "metrics", enabled=env.is_main),
+        seq_length=seq_length,
+        on_checkpoint=lambda state, path: ctx.on_checkpoint(state.step, state.tokens_seen),
+    )
+    trainer.restore(ctx.parent_checkpoint)
+    if trainer.state.resumed_from_step is None:  # a resumed attempt recorded this already
+        ctx.record_metrics({"initial_valid_loss": trainer.evaluate()})
+    t0 = time.perf_counter()
+    last = trainer.fit()
+    final = {
+        "train_loss": last.get("loss"),
+        "valid_loss": last["valid_loss"] if last else trainer.evaluate(),
+        "train_time_s": round(time.perf_counter() - t0, 3),
+    }
+    trainer.metrics.close()
+    return StageResult(
+        checkpoint=latest_checkpoint(ctx.stage_dir / "checkpoints"),
+        steps=trainer.state.step,
+        tokens_seen=trainer.state.tokens_seen,
+        final_metrics=final,
+        data_fingerprint=data_fingerprint(prepared, mix),
+        extra={"data_mix": dict(mix), "data_stats": prepared.stats},
+    )

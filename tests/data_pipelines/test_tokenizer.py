@@ -1,0 +1,62 @@
+import itertools
+
+import pytest
+
+from data_pipelines.errors import DataConfigError
+from data_pipelines.synthetic_corpus import GENERATORS, generate_documents
+from data_pipelines.tokenizer import EOD_TOKEN, PAD_TOKEN, load_tokenizer, train_bpe
+
+
+def _docs(num_per_generator, seed):
+    return [d for g in sorted(GENERATORS) for d in generate_documents(g, num_per_generator, seed)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("tok")
+    return train_bpe(iter(_docs(300, seed=0)), vocab_size=400, out_dir=out_dir), out_dir
+
+
+def test_round_trip_on_unseen_documents(trained):
+    tokenizer, _ = trained
+    for doc in _docs(50, seed=7):
+        ids = tokenizer.tokenize(doc)
+        assert tokenizer.detokenize(ids) == doc
+        assert len(ids) < len(doc)  # the merges compress
+    docs = _docs(5, seed=7)
+    assert tokenizer.tokenize_batch(docs) == [tokenizer.tokenize(d) for d in docs]
+
+
+def test_byte_level_round_trips_any_text(trained):
+    tokenizer, _ = trained
+    text = "  héllo\tWörld 🙂\n\n{x: [1, 2]}"
+    assert tokenizer.detokenize(tokenizer.tokenize(text)) == text
+
+
+def test_what_megatron_reads(trained):
+    tokenizer, _ = trained
+    assert tokenizer.vocab_size == 400
+    assert tokenizer.eod != tokenizer.pad  # megatron ignores a pad id that collides with eod
+    assert tokenizer.detokenize([tokenizer.eod, tokenizer.pad]) == EOD_TOKEN + PAD_TOKEN
+    assert tokenizer.unique_identifiers["class"] == "Tokenizer"
+
+
+def test_save_and_load(trained, tmp_path):
+    tokenizer, out_dir = trained
+    loaded = load_tokenizer(out_dir)
+    assert loaded.unique_identifiers == tokenizer.unique_identifiers
+    loaded.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    doc = _docs(1, seed=9)[0]
+    assert again.tokenize(doc) == tokenizer.tokenize(doc)
+    assert (again.eod, again.pad, again.vocab_size) == (tokenizer.eod, tokenizer.pad, 400)
+
+
+def test_missing_tokenizer_file_says_what_is_expected(tmp_path):
+    with pytest.raises(DataConfigError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_vocab_too_small(tmp_path):
+    with pytest.raises(DataConfigError, match="tokenizer.vocab_size"):
+        train_bpe(itertools.repeat("abc", 3), vocab_size=100, out_dir=tmp_path)

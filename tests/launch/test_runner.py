@@ -1,0 +1,125 @@
+"""The staged pipeline runner: stage folders and manifests, skip, refuse, kill and resume.
+
+These run the real pipeline (data preparation, torchrun workers, megatron-core training) on the tiny
+model with few steps.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_ext.metrics import read_metrics
+
+SMALL = [
+    "data.sources.prose.num_docs=300", "data.sources.arithmetic.num_docs=300", "data.sources.code.num_docs=200",
+    "stages.pretrain.train.steps=8", "stages.pretrain.train.warmup_steps=2",
+    "stages.pretrain.train.save_interval=4", "stages.pretrain.train.eval_interval=4",
+    "stages.pretrain.train.eval_iters=1",
+    "stages.anneal.train.steps=4", "stages.anneal.train.save_interval=4",
+    "stages.anneal.train.eval_interval=4", "stages.anneal.train.eval_iters=1",
+]
+
+
+def launch(run_dir, *overrides, timeout=300, **popen):
+    cmd = [sys.executable, "-m", "launch", f"run_dir={run_dir}", *SMALL, *overrides]
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def manifest(run_dir, folder):
+    return json.loads((Path(run_dir) / folder / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    proc = launch(run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def test_each_stage_leaves_manifest_and_checkpoint(finished_run):
+    pre, ann = manifest(finished_run, "01_pretrain"), manifest(finished_run, "02_anneal")
+    for m, steps in ((pre, 8), (ann, 4)):
+        assert m["status"] == "complete"
+        assert m["steps"] == steps
+        assert m["tokens_seen"] == steps * 16 * 128  # steps x global batch x sequence length
+        assert (finished_run / f"0{1 if m is pre else 2}_{m['stage']}" / m["checkpoint"] / "metadata.json").exists()
+        assert len(m["data_fingerprint"]) == 64
+        assert m["git_commit"]
+        assert m["wall_time_s"] > 0
+        assert m["config"]["model"]["family"] == "hunyuan_moe"
+        assert len(m["attempts"]) == 1 and m["attempts"][0]["resumed_from_step"] is None
+    assert pre["parent_checkpoint"] is None
+    assert ann["parent_checkpoint"] == str(finished_run / "01_pretrain" / pre["checkpoint"])
+    # annealing draws a different mix, so its data fingerprint differs
+    assert ann["data_fingerprint"] != pre["data_fingerprint"]
+
+
+def test_pretraining_loss_falls_and_anneal_starts_from_it(finished_run):
+    pre, ann = manifest(finished_run, "01_pretrain"), manifest(finished_run, "02_anneal")
+    start, end = pre["final_metrics"]["initial_valid_loss"], pre["final_metrics"]["valid_loss"]
+    assert end < start - 0.5
+    # the anneal stage starts from the pretrained weights, not from a random init
+    assert ann["final_metrics"]["initial_valid_loss"] < start - 0.5
+    steps = read_metrics(finished_run / "01_pretrain" / "metrics" / "metrics.jsonl")
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all(r["tokens_per_s"] > 0 for r in steps)
+
+
+def test_rerun_skips_finished_stages(finished_run):
+    files = [f"{stage}/{name}" for stage in ("01_pretrain", "02_anneal") for name in ("manifest.json", "logs/worker.log")]
+    before = {f: (finished_run / f).read_bytes() for f in files}
+    proc = launch(finished_run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "01_pretrain: complete (8 steps), skipping" in proc.stdout
+    assert "02_anneal: complete (4 steps), skipping" in proc.stdout
+    for f, content in before.items():  # no worker ran: logs and manifests untouched
+        assert (finished_run / f).read_bytes() == content
+
+
+def test_changed_config_of_finished_stage_is_refused(finished_run):
+    before = (finished_run / "01_pretrain" / "manifest.json").read_text()
+    proc = launch(finished_run, "stages.pretrain.train.lr=0.001")
+    assert proc.returncode == 2
+    assert "stage 'pretrain'" in proc.stderr and "stage.train.lr: 0.003 -> 0.001" in proc.stderr
+    assert "never silently overwritten" in proc.stderr
+    assert (finished_run / "01_pretrain" / "manifest.json").read_text() == before
+
+
+def test_killed_stage_resumes_from_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    long = ["stages.pretrain.train.steps=60", "stages.pretrain.train.save_interval=10",
+            "stages.pretrain.train.eval_interval=30"]
+    proc = launch(run_dir, *long, start_new_session=True)
+    latest = run_dir / "01_pretrain" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner, torchrun and the worker
+    proc.wait()
+    killed = manifest(run_dir, "01_pretrain")
+    assert killed["status"] == "running"
+    assert killed["steps"] < 60
+
+    again = launch(run_dir, *long)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "01_pretrain: unfinished, resuming" in again.stdout
+    done = manifest(run_dir, "01_pretrain")
+    assert done["status"] == "complete" and done["steps"] == 60
+    assert len(done["attempts"]) == 2
+    resumed = done["attempts"][1]["resumed_from_step"]
+    assert resumed is not None and resumed % 10 == 0 and 10 <= resumed < 60
+    assert "initial_valid_loss" in done["final_metrics"]  # kept from the first attempt
+    steps = [r["step"] for r in read_metrics(run_dir / "01_pretrain" / "metrics" / "metrics.jsonl")]
+    assert steps == list(range(1, 61))
+    assert manifest(run_dir, "02_anneal")["status"] == "complete"

@@ -1,0 +1,97 @@
+"""Bad configs fail before any process starts, with the field and the fix in the message."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.config import load_config
+from launch.validation import validate
+from megatron_ext.errors import ConfigError
+
+
+def check(overrides, *fragments):
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(overrides))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+    return str(err.value)
+
+
+def test_default_config_is_valid():
+    sizes = validate(load_config([]))
+    assert sizes == {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "world": 1}
+
+
+def test_tensor_parallel_must_divide_heads():
+    msg = check(["parallel.tensor_model_parallel_size=3", "parallel.nproc_per_node=3"],
+                "model.num_attention_heads=4", "parallel.tensor_model_parallel_size=3")
+    assert "[1, 2, 4]" in msg
+
+
+def test_experts_must_divide_expert_parallel():
+    check(["parallel=ep2", "model.num_moe_experts=3", "model.moe_router_topk=1"],
+          "model.num_moe_experts=3", "parallel.expert_model_parallel_size=2")
+
+
+def test_layers_must_divide_pipeline_parallel():
+    check(["parallel.pipeline_model_parallel_size=2", "parallel.nproc_per_node=2", "model.num_layers=3"],
+          "model.num_layers=3", "parallel.pipeline_model_parallel_size=2")
+
+
+def test_world_size_must_fit_layout():
+    check(["parallel.tensor_model_parallel_size=2"], "world size 1", "nproc_per_node")
+
+
+def test_expert_parallel_needs_data_parallel_room():
+    check(["parallel=tp2", "parallel.expert_model_parallel_size=2"],
+          "parallel.expert_model_parallel_size=2", "data-parallel size 1")
+
+
+def test_unknown_stage_in_order():
+    check(["pipeline.order=[pretrain,sft]"], "unknown stage 'sft'")
+
+
+def test_unknown_stage_kind():
+    check(["stages.anneal.kind=distill"], "stages.anneal.kind='distill'", "pretrain")
+
+
+def test_missing_data_path():
+    check(["+data.sources.web={path: /nonexistent/web.jsonl, text_key: text}"],
+          "data.sources.web.path='/nonexistent/web.jsonl'", "does not exist")
+
+
+def test_missing_tokenizer_path():
+    check(["data.tokenizer.path=/nonexistent/tok"], "data.tokenizer.path")
+
+
+def test_missing_parent_checkpoint():
+    check(["stages.anneal.init_from=/nonexistent/ckpt"], "stages.anneal.init_from", "parent checkpoint not found")
+
+
+def test_unknown_mix():
+    check(["stages.pretrain.mix=web"], "stages.pretrain.mix='web'")
+
+
+def test_global_batch_must_split_into_micro_batches():
+    check(["stages.pretrain.train.global_batch_size=12"], "stages.pretrain.train.global_batch_size=12")
+
+
+def test_wsd_needs_decay_steps():
+    check(["stages.pretrain.train.lr_decay_style=WSD"], "stages.pretrain.train.wsd_decay_steps")
+
+
+def test_bad_config_fails_fast_from_the_command_line(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch", f"run_dir={tmp_path / 'run'}",
+         "parallel.tensor_model_parallel_size=3", "parallel.nproc_per_node=3"],
+        capture_output=True, text=True, timeout=60,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2
+    assert "config error: model.num_attention_heads=4" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 15
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("0*"))

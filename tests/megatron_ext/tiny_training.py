@@ -1,0 +1,89 @@
+"""Test worker (run under torchrun): build the tiny preset model under a parallel layout and train it.
+
+    tiny_training.py <out.json> <ckpt_root> <mode> [hydra overrides...]
+
+Modes:
+- ``reference``: random init, save the weights at step 0, then record the eval loss and two
+  training steps' losses.
+- ``from_checkpoint``: load the step-0 weights saved by ``reference`` (possibly under another
+  layout), then record the same numbers.
+- ``resume``: train 2 steps, save, train 2 more ("straight"); then build a fresh model + optimizer,
+  restore the step-2 checkpoint and train 2 steps: losses and final weights must equal the straight run.
+
+Batches are random tokens from a fixed seed, identical on every rank and layout.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from launch.config import load_config
+from megatron_ext import checkpointing, distributed, model_builder, optim
+from megatron_ext.metrics import MetricsWriter
+from megatron_ext.quiet import quiet_known_warnings
+from megatron_ext.trainer import StepBatches, Trainer
+
+VOCAB = 128
+
+
+def fixed_samples(n: int, seq: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        t = torch.randint(0, VOCAB, (seq + 1,), generator=g)
+        out.append({"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(seq), "position_ids": torch.arange(seq)})
+    return out
+
+
+def build_trainer(cfg, env, ckpt_root: Path) -> Trainer:
+    from megatron.core import parallel_state
+
+    config = model_builder.transformer_config(cfg.model, cfg.parallel)
+    model = model_builder.build_model(cfg.model, config, VOCAB)
+    ddp = optim.wrap_ddp(model, config, True)
+    train = cfg.stages.pretrain.train
+    opt, sched = optim.build_optimizer(train, ddp, bf16=False, use_distributed_optimizer=True)
+    seq = int(cfg.model.seq_length)
+    data = fixed_samples(64, seq)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    batches = StepBatches(data, int(train.micro_batch_size), int(train.global_batch_size), dp_rank, env.dp)
+    return Trainer(ddp, opt, sched, train, batches, batches, ckpt_root, MetricsWriter(ckpt_root, enabled=False), seq)
+
+
+def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
+    quiet_known_warnings()
+    cfg = load_config(["model.seq_length=32", "stages.pretrain.train.micro_batch_size=2",
+                       "stages.pretrain.train.global_batch_size=4", "stages.pretrain.train.warmup_steps=0",
+                       "stages.pretrain.train.eval_iters=1", *overrides])
+    env = distributed.initialize(cfg.parallel, int(cfg.seed))
+    root = Path(ckpt_root)
+    result = {}
+    trainer = build_trainer(cfg, env, root)
+    if mode == "reference":
+        trainer.save()  # step-0 weights, the common starting point of every layout
+    elif mode == "from_checkpoint":
+        checkpointing.load(checkpointing.iteration_dir(root, 0), trainer.model)
+    if mode in ("reference", "from_checkpoint"):
+        result["eval_loss"] = trainer.evaluate()
+        result["steps"] = [trainer.train_step() for _ in range(2)]; result["train_losses"] = [s["loss"] for s in result["steps"]]
+        result["eval_loss_after"] = trainer.evaluate()
+    elif mode == "resume":
+        result["first_losses"] = [trainer.train_step()["loss"] for _ in range(2)]
+        trainer.save()
+        result["straight_losses"] = [trainer.train_step()["loss"] for _ in range(2)]
+        straight = {k: v.clone() for k, v in trainer.model.state_dict().items() if torch.is_tensor(v)}
+        fresh = build_trainer(cfg, env, root)  # a different random init: the RNG has advanced
+        fresh.restore(parent_checkpoint=None)
+        result["restored_step"] = fresh.state.step
+        result["resumed_losses"] = [fresh.train_step()["loss"] for _ in range(2)]
+        after = fresh.model.state_dict()
+        result["weights_equal_after_resume"] = all(torch.equal(v, after[k]) for k, v in straight.items())
+    if env.is_main:
+        Path(out).write_text(json.dumps(result))
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
