@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from launch.stages import STAGE_KINDS
 from megatron_ext.errors import ConfigError
+from megatron_ext.expert_lr import expert_lr_scale
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
 
@@ -155,4 +156,6 @@ def validate(cfg: Mapping) -> dict[str, int]:
                 f"checkpoint folder (e.g. <run_dir>/01_pretrain/checkpoints/iter_0000300) or set null"
             )
         validate_train(st["train"], f"stages.{name}.train", sizes["dp"])
+        batch_tokens = int(st["train"]["global_batch_size"]) * int(cfg["model"]["seq_length"])
+        expert_lr_scale(st["train"].get("expert_lr"), cfg["model"], batch_tokens, field=f"stages.{name}.train.expert_lr")
     return sizes

@@ -21,7 +21,8 @@ from megatron_ext.models import hunyuan_moe
 FAMILIES = {"hunyuan_moe": hunyuan_moe}
 
 # Keys of a model preset that are not TransformerConfig fields.
-MODEL_LEVEL_KEYS = {"family", "seq_length", "rotary_base", "vocab_size", "activation"}
+MODEL_LEVEL_KEYS = {"family", "seq_length", "rotary_base", "vocab_size", "activation", "hybrid_blocks",
+                    "hybrid_block_types"}
 
 class ModelConfigError(ConfigError):
     """A model preset names a field megatron-core does not know, or an unsupported value."""

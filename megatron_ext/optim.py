@@ -15,6 +15,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
+from megatron_ext import expert_lr
+
 
 def wrap_ddp(model, config: TransformerConfig, use_distributed_optimizer: bool) -> DistributedDataParallel:
     ddp_config = DistributedDataParallelConfig(
@@ -37,8 +39,10 @@ def connect_schedule_hooks(config: TransformerConfig, ddp_model, optimizer) -> N
     config.no_sync_func = ddp_model.no_sync
 
 
-def build_optimizer(train: Mapping[str, Any], ddp_model, bf16: bool, use_distributed_optimizer: bool):
-    """Return (optimizer, scheduler) for one model chunk list."""
+def build_optimizer(train: Mapping[str, Any], ddp_model, bf16: bool, use_distributed_optimizer: bool,
+                    expert_lr_scale: float | None = None):
+    """Return (optimizer, scheduler); routed experts get ``expert_lr_scale`` x the LR range when given
+    (see :mod:`megatron_ext.expert_lr`)."""
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=float(train["lr"]),
@@ -51,7 +55,8 @@ def build_optimizer(train: Mapping[str, Any], ddp_model, bf16: bool, use_distrib
         bf16=bf16,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    overrides = expert_lr.param_group_overrides(opt_config, expert_lr_scale)
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
     connect_schedule_hooks(ddp_model.config, ddp_model, optimizer)
     steps = int(train["steps"])
     style = train["lr_decay_style"]

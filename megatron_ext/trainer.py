@@ -162,7 +162,7 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run_schedule(self.train_batches.microbatches(self.state.step), forward_only=False)
-        lr = float(self.optimizer.param_groups[0]["lr"])  # the LR this update uses
+        lrs = self._group_lrs()  # the LRs this update uses
         update_ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.state.step += 1
@@ -170,9 +170,17 @@ class Trainer:
         return {
             "loss": _reduce_lm_loss(losses),
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "lr": lr,
+            **lrs,
             "update_skipped": not update_ok,
         }
+
+    def _group_lrs(self) -> dict[str, float]:
+        """``lr`` of the default param groups, ``lr_experts`` of scaled routed-expert groups."""
+        out: dict[str, float] = {}
+        for group in self.optimizer.param_groups:
+            key = "lr" if group.get("lr_mult", 1.0) == 1.0 else "lr_experts"
+            out.setdefault(key, float(group["lr"]))
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -17,6 +17,8 @@ from data_pipelines.prepare import data_fingerprint, prepare_data
 from data_pipelines.tokenizer import load_tokenizer
 from megatron_ext import model_builder, optim
 from megatron_ext.checkpointing import latest_checkpoint
+from megatron_ext.errors import ConfigError
+from megatron_ext.expert_lr import expert_lr_scale
 from megatron_ext.metrics import MetricsWriter
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.trainer import StepBatches, Trainer
@@ -27,6 +29,17 @@ VOCAB_PAD_MULTIPLE = 128  # as Megatron-LM's make_vocab_size_divisible_by, times
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     multiple = VOCAB_PAD_MULTIPLE * tp
     return -(-vocab_size // multiple) * multiple
+
+
+def model_vocab_size(model_cfg, tokenizer) -> int:
+    """The preset's vocab_size (room for tokens a later stage adds) or else the tokenizer's."""
+    wanted = model_cfg.get("vocab_size") or tokenizer.vocab_size
+    if tokenizer.vocab_size > wanted:
+        raise ConfigError(
+            f"model.vocab_size={wanted} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "
+            f"raise model.vocab_size or use a smaller tokenizer (data.tokenizer)"
+        )
+    return wanted
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -48,11 +61,14 @@ def run(ctx: StageContext) -> StageResult:
     )
 
     config = model_builder.transformer_config(cfg.model, cfg.parallel)
-    model = model_builder.build_model(cfg.model, config, padded_vocab_size(tokenizer.vocab_size, env.tp))
+    model = model_builder.build_model(cfg.model, config, padded_vocab_size(model_vocab_size(cfg.model, tokenizer), env.tp))
     use_dist_opt = bool(cfg.parallel.use_distributed_optimizer)
     ddp_model = optim.wrap_ddp(model, config, use_dist_opt)
+    lr_scale = expert_lr_scale(train.get("expert_lr"), cfg.model, gbs * seq_length,
+                               field=f"stages.{ctx.name}.train.expert_lr")
     optimizer, scheduler = optim.build_optimizer(train, ddp_model, bf16=config.bf16,
-                                                 use_distributed_optimizer=use_dist_opt)
+                                                 use_distributed_optimizer=use_dist_opt,
+                                                 expert_lr_scale=lr_scale)
     dp_rank = parallel_state.get_data_parallel_rank()
     trainer = Trainer(
         ddp_model, optimizer, scheduler, train,
@@ -80,5 +96,5 @@ def run(ctx: StageContext) -> StageResult:
         tokens_seen=trainer.state.tokens_seen,
         final_metrics=final,
         data_fingerprint=data_fingerprint(prepared, mix),
-        extra={"data_mix": dict(mix), "data_stats": prepared.stats},
+        extra={"data_mix": dict(mix), "data_stats": prepared.stats, "expert_lr_scale": lr_scale},
     )

@@ -95,3 +95,7 @@ def test_bad_config_fails_fast_from_the_command_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert elapsed < 15
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("0*"))
+
+
+def test_expert_lr_manual_needs_a_scale():
+    check(["stages.pretrain.train.expert_lr.mode=manual"], "stages.pretrain.train.expert_lr.scale")

@@ -7,6 +7,9 @@ Modes:
   training steps' losses.
 - ``from_checkpoint``: load the step-0 weights saved by ``reference`` (possibly under another
   layout), then record the same numbers.
+- ``expert_lr``: train 3 steps with a scaled LR for the routed experts, save, train 3 more; restore
+  the step-3 checkpoint into a fresh model + optimizer and train the same 3 steps; record every param
+  group's LRs at every step and which parameters each group holds.
 - ``resume``: train 2 steps, save, train 2 more ("straight"); then build a fresh model + optimizer,
   restore the step-2 checkpoint and train 2 steps: losses and final weights must equal the straight run.
 
@@ -44,7 +47,11 @@ def build_trainer(cfg, env, ckpt_root: Path) -> Trainer:
     model = model_builder.build_model(cfg.model, config, VOCAB)
     ddp = optim.wrap_ddp(model, config, True)
     train = cfg.stages.pretrain.train
-    opt, sched = optim.build_optimizer(train, ddp, bf16=False, use_distributed_optimizer=True)
+    from megatron_ext.expert_lr import expert_lr_scale
+
+    scale = expert_lr_scale(train.get("expert_lr"), cfg.model, int(train.global_batch_size) * int(cfg.model.seq_length))
+    opt, sched = optim.build_optimizer(train, ddp, bf16=False, use_distributed_optimizer=True,
+                                       expert_lr_scale=scale)
     seq = int(cfg.model.seq_length)
     data = fixed_samples(64, seq)
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -69,6 +76,33 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         result["eval_loss"] = trainer.evaluate()
         result["steps"] = [trainer.train_step() for _ in range(2)]; result["train_losses"] = [s["loss"] for s in result["steps"]]
         result["eval_loss_after"] = trainer.evaluate()
+    elif mode == "expert_lr":
+        def groups(tr):
+            names = {p: n for n, p in tr.model.module.named_parameters()}
+            out = [{"lr": g["lr"], "max_lr": g["max_lr"], "min_lr": g["min_lr"], "names": []}
+                   for g in tr.optimizer.param_groups]
+            for inner in tr.optimizer.chained_optimizers:
+                for p, (gi, _) in inner.model_param_group_index_map.items():
+                    # chained optimizers list their groups one after another
+                    offset = tr.optimizer.param_groups.index(inner.optimizer.param_groups[gi])
+                    out[offset]["names"].append(names[p])
+            return out
+
+        def run(tr, n):
+            seen = []
+            for _ in range(n):
+                seen.append([{"lr": g["lr"], "max_lr": g["max_lr"], "min_lr": g["min_lr"]} for g in tr.optimizer.param_groups])
+                tr.train_step()
+            return seen
+
+        result["groups"] = groups(trainer)
+        result["first"] = run(trainer, 3)
+        trainer.save()
+        result["straight"] = run(trainer, 3)
+        fresh = build_trainer(cfg, env, root)
+        fresh.restore(parent_checkpoint=None)
+        result["groups_after_restore"] = groups(fresh)
+        result["resumed"] = run(fresh, 3)
     elif mode == "resume":
         result["first_losses"] = [trainer.train_step()["loss"] for _ in range(2)]
         trainer.save()
