@@ -12,6 +12,6 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved root config with Hydra overrides applied, e.g. ``["model=tiny_moe"]``."""
+    """The resolved root config with Hydra overrides applied, e.g. ``["model=tiny_large"]``."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))

@@ -8,6 +8,7 @@ config that defines it changed, the runner stops and says what changed.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -57,8 +58,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_logger = logging.getLogger("pipeline")
+
+
 def _log(msg: str) -> None:
-    print(f"[pipeline] {msg}", flush=True)
+    _logger.info(msg)
 
 
 def _launch(sdir: Path, name: str, parallel: DictConfig, cluster: DictConfig) -> None:
@@ -144,4 +148,17 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
         _log(f"{sdir.name}: complete in {done['wall_time_s']:.1f}s ({metrics})")
         manifests.append(done)
         parent = str(sdir / done["checkpoint"])
+    _log("summary:\n" + summary_table(manifests))
     return manifests
+
+
+def summary_table(manifests: list[dict]) -> str:
+    """One line per stage: steps, tokens, validation loss before -> after, wall time."""
+    rows = [("stage", "steps", "tokens", "valid loss", "wall time")]
+    for m in manifests:
+        fm = m["final_metrics"]
+        before, after = fm.get("initial_valid_loss"), fm.get("valid_loss")
+        loss = f"{before:.4f} -> {after:.4f}" if before is not None and after is not None else "-"
+        rows.append((m["stage"], str(m["steps"]), f"{m['tokens_seen']:,}", loss, f"{m['wall_time_s']:.1f}s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

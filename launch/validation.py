@@ -78,6 +78,31 @@ def validate_parallel(model: Mapping, parallel: Mapping) -> dict[str, int]:
     return {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "world": world}
 
 
+def validate_model(model: Mapping, parallel: Mapping) -> None:
+    """Family-specific structure: CLA groups vs pipeline stages, routing mode vs capacity factor."""
+    from types import SimpleNamespace
+
+    family = model.get("family")
+    if family not in ("hunyuan_moe", "turbos_hybrid"):
+        raise ConfigError(f"model.family={family!r}: choose hunyuan_moe or turbos_hybrid")
+    share = model.get("cla_share_factor") or 1
+    if share > 1:
+        from megatron_ext.models.cla_attention import validate_cla_layout
+
+        try:
+            validate_cla_layout(int(model["num_layers"]), share, int(parallel["pipeline_model_parallel_size"]))
+        except ConfigError as err:
+            raise ConfigError(f"model.cla_share_factor / parallel.pipeline_model_parallel_size: {err}") from None
+    if model.get("num_moe_experts"):
+        from megatron_ext.models.recycle_routing import check_routing_config
+
+        check_routing_config(
+            SimpleNamespace(moe_expert_capacity_factor=model.get("moe_expert_capacity_factor"),
+                            moe_pad_expert_input_to_capacity=model.get("moe_pad_expert_input_to_capacity", False)),
+            model.get("moe_routing_mode") or "dropless",
+        )
+
+
 def validate_train(train: Mapping, prefix: str, dp: int) -> None:
     steps = _positive_int(train["steps"], f"{prefix}.steps")
     mbs = _positive_int(train["micro_batch_size"], f"{prefix}.micro_batch_size")
@@ -127,6 +152,7 @@ def validate_data(data: Mapping) -> None:
 def validate(cfg: Mapping) -> dict[str, int]:
     """Raise :class:`ConfigError` on the first problem; return the derived parallel sizes."""
     sizes = validate_parallel(cfg["model"], cfg["parallel"])
+    validate_model(cfg["model"], cfg["parallel"])
     _positive_int(cfg["model"]["seq_length"], "model.seq_length")
     validate_data(cfg["data"])
     order = list(cfg["pipeline"]["order"])

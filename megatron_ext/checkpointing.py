@@ -40,6 +40,45 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def rng_state() -> dict:
+    """Every random stream a training step can draw from on this rank."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_sharded_object(data):
+    """RNG states are per rank and cannot be resharded: one shard per global rank."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
 def _model_sharded_state_dict(model) -> dict:
     module = model.module if hasattr(model, "module") else model
     return module.sharded_state_dict()
@@ -63,7 +102,8 @@ def save(root: Path, step: int, model, optimizer=None, scheduler=None, progress:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=_OPTIMIZER_METADATA)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    state["progress"] = dict(progress or {}, step=step)
+    state["progress"] = dict(progress or {}, step=step, world_size=dist.get_world_size())
+    state["rng_state"] = _rng_sharded_object(rng_state())
     dist_checkpointing.save(state, str(path))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -121,10 +161,12 @@ def _restore_adam_steps(optimizer) -> None:
                 torch_opt.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
-def load(path: Path, model, optimizer=None, scheduler=None) -> dict:
+def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = False) -> dict:
     """Load model (and optimizer/scheduler when given) in place; returns the saved progress dict.
 
-    Loading only the model is how a stage starts from its parent stage's checkpoint.
+    Loading only the model is how a stage starts from its parent stage's checkpoint. ``restore_rng``
+    (a resume) also restores every rank's random streams when the world size is unchanged; under a
+    new layout they cannot be matched to ranks, so they start fresh and the progress says so.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -136,6 +178,10 @@ def load(path: Path, model, optimizer=None, scheduler=None) -> dict:
         request["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA
         )
+    saved_world = dist_checkpointing.load_common_state_dict(str(path)).get("progress", {}).get("world_size")
+    rng = restore_rng and saved_world == dist.get_world_size()
+    if rng:
+        request["rng_state"] = _rng_sharded_object(None)
     with torch.no_grad():  # the optimizer copies into views of leaf parameters
         loaded = dist_checkpointing.load(request, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
         module = model.module if hasattr(model, "module") else model
@@ -145,4 +191,6 @@ def load(path: Path, model, optimizer=None, scheduler=None) -> dict:
             _restore_adam_steps(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
-    return dict(loaded.get("progress", {}))
+    if rng:
+        set_rng_state(loaded["rng_state"])
+    return dict(loaded.get("progress", {}), rng_restored=rng)

@@ -20,6 +20,8 @@ Patches, each with why:
 4. **RNG tracker**: ``model_parallel_cuda_manual_seed`` and the CUDA RNG tracker read and write CUDA
    generator states. :class:`CpuRNGStatesTracker` keeps the same named streams (data-parallel,
    tensor-parallel, expert-parallel) as CPU generator states, forked with ``torch.get/set_rng_state``.
+   Activation recomputation (``CheckpointFunction``) saves and restores the CPU state, the tracker's
+   states and "the CUDA state"; on CPU the last does not exist, so its get/set become no-ops.
 5. **MoE without TE**: see :mod:`megatron_ext.te_compat` (applied on GPUs too).
 
 Settings a CPU config must also use (set by :mod:`megatron_ext.model_config`):
@@ -52,6 +54,7 @@ _CUDA_HARDCODED_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.transformer.utils",
+    "megatron.core.transformer.attention",
     "megatron.core.transformer.moe.moe_utils",
     "megatron.core.transformer.moe.router",
     "megatron.core.transformer.moe.token_dispatcher",
@@ -254,6 +257,8 @@ def _install_rng_tracker():
 
     mrandom.initialize_rng_tracker = initialize_rng_tracker
     initialize_rng_tracker(force_reset=True)
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0)
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def _tensor_type(orig):

@@ -22,7 +22,7 @@ FAMILIES = {"hunyuan_moe": hunyuan_moe}
 
 # Keys of a model preset that are not TransformerConfig fields.
 MODEL_LEVEL_KEYS = {"family", "seq_length", "rotary_base", "vocab_size", "activation", "hybrid_blocks",
-                    "hybrid_block_types"}
+                    "hybrid_block_types", *hunyuan_moe.MODEL_KEYS}
 
 class ModelConfigError(ConfigError):
     """A model preset names a field megatron-core does not know, or an unsupported value."""
@@ -77,9 +77,8 @@ def build_model(model_cfg: Mapping[str, Any], config: TransformerConfig, vocab_s
         raise ModelConfigError(f"model.family={family!r}: choose one of {sorted(FAMILIES)}")
     return FAMILIES[family].build(
         config,
+        model_cfg,
         vocab_size=vocab_size,
-        max_sequence_length=int(model_cfg["seq_length"]),
-        rotary_base=float(model_cfg.get("rotary_base", 10000)),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )

@@ -17,5 +17,6 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*\\.grad attribute of a Tensor that is not a leaf.*")
     # torch deprecation notices raised inside megatron-core's own calls (ShardedTensor, all_gather)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
     warnings.filterwarnings("ignore", message=".*(ShardedTensor|all_gather_into_tensor).*")
     logging.getLogger("megatron").setLevel(logging.WARNING)

@@ -124,7 +124,7 @@ class Trainer:
         """Resume from this stage's latest checkpoint, else start from the parent stage's weights."""
         latest = checkpointing.latest_checkpoint(self.checkpoint_root)
         if latest is not None:
-            progress = checkpointing.load(latest, self.model, self.optimizer, self.scheduler)
+            progress = checkpointing.load(latest, self.model, self.optimizer, self.scheduler, restore_rng=True)
             self.state.step = int(progress["step"])
             self.state.tokens_seen = int(progress.get("tokens_seen", 0))
             self.state.resumed_from_step = self.state.step
@@ -204,7 +204,9 @@ class Trainer:
         if is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
+            # at most one refresh a second keeps logs (worker.log, CI) readable
+            bar = tqdm(total=total, initial=self.state.step, desc="train", unit="step", mininterval=1.0,
+                       dynamic_ncols=True)
         last: dict[str, float] = {}
         while self.state.step < total:
             t0 = time.perf_counter()

@@ -99,3 +99,16 @@ def test_bad_config_fails_fast_from_the_command_line(tmp_path):
 
 def test_expert_lr_manual_needs_a_scale():
     check(["stages.pretrain.train.expert_lr.mode=manual"], "stages.pretrain.train.expert_lr.scale")
+
+
+def test_cla_group_must_not_straddle_pipeline_stages():
+    check(["parallel.pipeline_model_parallel_size=2", "parallel.nproc_per_node=2", "model.num_layers=6"],
+          "model.cla_share_factor", "straddles a pipeline stage boundary")
+
+
+def test_recycle_routing_needs_a_capacity_factor():
+    check(["model.moe_expert_capacity_factor=null"], "model.moe_routing_mode=recycle", "capacity_factor")
+
+
+def test_unknown_routing_mode():
+    check(["model.moe_routing_mode=greedy"], "model.moe_routing_mode='greedy'")

@@ -28,12 +28,16 @@ def test_full_preset_matches_paper(preset):
 
 
 def test_tiny_preset_counts_match_its_shapes():
-    got = count("tiny_moe")
-    h, v, ffn, experts, layers = 64, 512, 128, 4, 2
-    attn = h * (4 * 16 + 2 * 2 * 16) + 4 * 16 * h + 2 * 16  # qkv + proj + q/k norms (head dim 16)
+    """tiny_large by hand: 4 layers in 2 CLA groups (a producer with Q, K, V and a consumer with Q only)."""
+    got = count("tiny_large")
+    h, v, head, heads, groups, ffn, experts = 64, 512, 16, 4, 2, 128, 4
+    q, kv, proj = h * heads * head, h * 2 * groups * head, heads * head * h
+    producer_attn = q + kv + proj + 2 * head  # + q/k norms
+    consumer_attn = q + proj + head  # + q norm
     mlp_one = 3 * h * ffn  # SwiGLU: fc1 (gate+up) + fc2
-    layer = attn + experts * mlp_one + mlp_one + h * experts + 2 * h  # routed + shared + router + 2 norms
-    total = 2 * v * h + layers * layer + h
+    moe = experts * mlp_one + mlp_one + h * experts  # routed + shared + router
+    layers = 2 * (producer_attn + consumer_attn + 2 * (moe + 2 * h))  # 2 groups, 2 norms per layer
+    total = 2 * v * h + layers + h
     assert got["total"] == total
-    assert got["activated"] == total - layers * (experts - 1) * mlp_one  # top-1 of 4 routed experts
-    assert got["kv_cache_bytes_per_token"] == layers * 2 * 2 * 16 * 2  # K,V x 2 groups x dim 16 x bf16
+    assert got["activated"] == total - 4 * (experts - 1) * mlp_one  # top-1 of 4 routed experts
+    assert got["kv_cache_bytes_per_token"] == 2 * 2 * groups * head * 2  # 2 producers: K,V x bf16
