@@ -17,10 +17,11 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The whole staged pipeline on the tiny default model, on CPU. RUN_DIR=... picks the run folder;
+# The whole staged pipeline on the tiny default model, on CPU. RUN_DIR=... picks the run folder,
+# ARGS="model=tiny_turbos ..." passes Hydra overrides;
 # re-running skips finished stages and resumes an unfinished one.
 demo: $(STAMP)
-	$(PY) -m launch run_dir=$(RUN_DIR)
+	$(PY) -m launch run_dir=$(RUN_DIR) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest

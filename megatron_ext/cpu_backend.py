@@ -22,7 +22,8 @@ Patches, each with why:
    tensor-parallel, expert-parallel) as CPU generator states, forked with ``torch.get/set_rng_state``.
    Activation recomputation (``CheckpointFunction``) saves and restores the CPU state, the tracker's
    states and "the CUDA state"; on CPU the last does not exist, so its get/set become no-ops.
-5. **MoE without TE**: see :mod:`megatron_ext.te_compat` (applied on GPUs too).
+5. **MoE without TE** and **Mamba2 without mamba_ssm**: see :mod:`megatron_ext.te_compat` and
+   :mod:`megatron_ext.models.mamba_torch` (both applied on GPUs too, when those libraries are absent).
 
 Settings a CPU config must also use (set by :mod:`megatron_ext.model_config`):
 ``use_cpu_initialization=True``, ``gradient_accumulation_fusion=False``, ``bias_dropout_fusion=False``,
@@ -55,6 +56,8 @@ _CUDA_HARDCODED_MODULES = (
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.transformer.utils",
     "megatron.core.transformer.attention",
+    "megatron.core.ssm.mamba_mixer",
+    "megatron.core.ssm.mamba_block",
     "megatron.core.transformer.moe.moe_utils",
     "megatron.core.transformer.moe.router",
     "megatron.core.transformer.moe.token_dispatcher",
@@ -285,8 +288,10 @@ def enable_if_needed() -> bool:
     """Apply the CPU patches when CUDA is absent; idempotent. Returns whether the backend is active."""
     global _ENABLED
     from megatron_ext import te_compat
+    from megatron_ext.models import mamba_torch
 
     te_compat.apply()
+    mamba_torch.apply()  # before the loop below imports mamba_mixer (it needs triton or the stand-in)
     if torch.cuda.is_available() or _ENABLED:
         return _ENABLED
     proxy = _CpuTorchProxy()

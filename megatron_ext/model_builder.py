@@ -16,13 +16,13 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import cpu_backend
 from megatron_ext.errors import ConfigError
-from megatron_ext.models import hunyuan_moe
+from megatron_ext.models import hunyuan_moe, turbos_hybrid
 
-FAMILIES = {"hunyuan_moe": hunyuan_moe}
+FAMILIES = {"hunyuan_moe": hunyuan_moe, "turbos_hybrid": turbos_hybrid}
 
 # Keys of a model preset that are not TransformerConfig fields.
-MODEL_LEVEL_KEYS = {"family", "seq_length", "rotary_base", "vocab_size", "activation", "hybrid_blocks",
-                    "hybrid_block_types", *hunyuan_moe.MODEL_KEYS}
+MODEL_LEVEL_KEYS = {"family", "seq_length", "rotary_base", "vocab_size", "activation",
+                    *hunyuan_moe.MODEL_KEYS, *turbos_hybrid.MODEL_KEYS}
 
 class ModelConfigError(ConfigError):
     """A model preset names a field megatron-core does not know, or an unsupported value."""

@@ -224,7 +224,8 @@ class Trainer:
             if step % save_every == 0 or step == total:
                 self.save()
             if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                refresh=False)
                 bar.update(1)
         if bar is not None:
             bar.close()

@@ -123,3 +123,13 @@ def test_killed_stage_resumes_from_last_checkpoint(tmp_path):
     steps = [r["step"] for r in read_metrics(run_dir / "01_pretrain" / "metrics" / "metrics.jsonl")]
     assert steps == list(range(1, 61))
     assert manifest(run_dir, "02_anneal")["status"] == "complete"
+
+
+def test_tiny_turbos_hybrid_trains_in_the_pipeline(tmp_path):
+    """The hybrid Mamba2 / attention / MoE family goes through the same runner and stage."""
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, "model=tiny_turbos", "pipeline.order=[pretrain]")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = manifest(run_dir, "01_pretrain")
+    assert m["status"] == "complete" and m["config"]["model"]["family"] == "turbos_hybrid"
+    assert m["final_metrics"]["valid_loss"] < m["final_metrics"]["initial_valid_loss"] - 0.5

@@ -8,6 +8,7 @@ import pytest
 
 PAPERS = {  # (total, activated) in the papers
     "hunyuan_large": (389e9, 52e9),
+    "hunyuan_turbos": (560e9, 56e9),
 }
 
 
