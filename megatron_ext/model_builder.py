@@ -42,10 +42,12 @@ def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, 
     if activation != "swiglu":
         raise ModelConfigError(f"model.activation={activation!r}: only 'swiglu' is supported")
     tp = int(parallel_cfg["tensor_model_parallel_size"])
+    pp = int(parallel_cfg["pipeline_model_parallel_size"])
     cpu = cpu_backend.is_enabled()
     fields.update(
         tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=int(parallel_cfg["pipeline_model_parallel_size"]),
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=(torch.float32 if cpu else torch.bfloat16) if pp > 1 else None,
         expert_model_parallel_size=int(parallel_cfg["expert_model_parallel_size"]),
         sequence_parallel=bool(parallel_cfg.get("sequence_parallel") or False) and tp > 1,
         gated_linear_unit=True,

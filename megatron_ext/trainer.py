@@ -77,6 +77,35 @@ def lm_forward_step(batch_iter, model):
     return output, lambda out: _masked_mean_loss(batch["loss_mask"], out)
 
 
+def moe_aux_losses(num_microbatches: int, num_layers: int) -> dict[str, list[float]]:
+    """This step's MoE auxiliary losses per layer, reduced over ranks, then cleared.
+
+    megatron-core's routers add each micro-batch's aux loss to a global per-layer tracker; this
+    averages over micro-batches (as Megatron-LM's ``track_moe_metrics`` does) and over data-parallel
+    ranks, and sums the pipeline stages' layers.
+    """
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) > 1:
+        # the reduction is collective per name: a stage without MoE layers must join it too
+        names: list = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(names, sorted(tracker), group=pp_group)
+        for name in set().union(*names) - set(tracker):
+            tracker[name] = {"values": torch.zeros(num_layers), "reduce_group": None, "avg_group": None}
+    if not tracker:
+        return {}
+    reduce_aux_losses_tracker_across_ranks()
+    out = {name: (entry["values"].float() / num_microbatches).tolist() for name, entry in sorted(tracker.items())}
+    clear_aux_losses_tracker()
+    return out
+
+
 def _reduce_lm_loss(losses: Sequence[dict]) -> float:
     """Token-weighted mean LM loss of one step across micro-batches and data-parallel ranks."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -117,6 +146,7 @@ class Trainer:
         self.forward_step = forward_step
         self.on_checkpoint = on_checkpoint
         self.state = TrainState()
+        self.num_layers = model.config.num_layers
         self._fwd_bwd = get_forward_backward_func()
 
     # -- state ---------------------------------------------------------------------------------
@@ -167,7 +197,10 @@ class Trainer:
         self.scheduler.step(increment=1)
         self.state.step += 1
         self.state.tokens_seen += self.train_batches.gbs * self.seq_length
+        aux = {name: sum(per_layer) for name, per_layer in
+               moe_aux_losses(self.train_batches.num_microbatches, self.num_layers).items()}
         return {
+            **aux,
             "loss": _reduce_lm_loss(losses),
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             **lrs,
@@ -191,6 +224,7 @@ class Trainer:
         for i in range(int(self.cfg.get("eval_iters", 1))):
             losses.extend(self._run_schedule(self.valid_batches.microbatches(i), forward_only=True))
         self.model.train()
+        moe_aux_losses(1, self.num_layers)  # evaluation's aux losses are not training's: drop them
         return _reduce_lm_loss(losses)
 
     # -- loop ----------------------------------------------------------------------------------

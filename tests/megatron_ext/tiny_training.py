@@ -6,7 +6,9 @@ Modes:
 - ``reference``: random init, save the weights at step 0, then record the eval loss and two
   training steps' losses.
 - ``from_checkpoint``: load the step-0 weights saved by ``reference`` (possibly under another
-  layout), then record the same numbers.
+  layout), then record the same numbers. Both save the trained weights to ``<out>.weights/``.
+- ``compare``: (one process) load ``<ckpt_root>`` and each further checkpoint given as an override
+  ``+other=<dir>`` ... and record every tensor's relative difference to the first.
 - ``expert_lr``: train 3 steps with a scaled LR for the routed experts, save, train 3 more; restore
   the step-3 checkpoint into a fresh model + optimizer and train the same 3 steps; record every param
   group's LRs at every step and which parameters each group holds.
@@ -74,8 +76,21 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         checkpointing.load(checkpointing.iteration_dir(root, 0), trainer.model)
     if mode in ("reference", "from_checkpoint"):
         result["eval_loss"] = trainer.evaluate()
-        result["steps"] = [trainer.train_step() for _ in range(2)]; result["train_losses"] = [s["loss"] for s in result["steps"]]
+        result["steps"] = [trainer.train_step() for _ in range(2)]
+        result["train_losses"] = [s["loss"] for s in result["steps"]]
+        result["tokens_seen"] = trainer.state.tokens_seen
         result["eval_loss_after"] = trainer.evaluate()
+        checkpointing.save(Path(out + ".weights"), 2, trainer.model)
+    elif mode == "compare":
+        checkpointing.load(checkpointing.latest_checkpoint(root), trainer.model)
+        reference = {k: v.clone() for k, v in trainer.model.state_dict().items() if torch.is_tensor(v)}
+        for other in cfg.other:
+            checkpointing.load(checkpointing.latest_checkpoint(Path(other)), trainer.model)
+            got = trainer.model.state_dict()
+            diff2 = sum(float((got[k] - v).norm()) ** 2 for k, v in reference.items())
+            norm2 = sum(float(v.norm()) ** 2 for v in reference.values())
+            per_tensor = {k: float((got[k] - v).norm() / v.norm().clamp(min=1e-12)) for k, v in reference.items()}
+            result[other] = {"model": (diff2 / norm2) ** 0.5, "worst_tensor": max(per_tensor.values())}
     elif mode == "expert_lr":
         def groups(tr):
             names = {p: n for n, p in tr.model.module.named_parameters()}
