@@ -19,7 +19,8 @@ from megatron_ext.errors import ConfigError
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from launch.runner import StageFailed, run_pipeline
+    from launch.runner import StageFailed, StagePreempted, run_pipeline
+    from megatron_ext.fault_tolerance import PREEMPTED_EXIT_CODE
     from launch.validation import validate
 
     try:
@@ -28,6 +29,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except StagePreempted as err:
+        print(f"preempted: {err}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except StageFailed as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_ext import manifest
 from megatron_ext.errors import ConfigError
+from megatron_ext.fault_tolerance import PREEMPTION_SIGNALS
 from megatron_ext.quiet import quiet_known_warnings
 
 
@@ -30,6 +33,12 @@ class StageFailed(RuntimeError):
             f"Re-running the same command resumes it from its last checkpoint."
         )
         self.stage, self.returncode, self.log = stage, returncode, log
+
+
+class StagePreempted(RuntimeError):
+    def __init__(self, stage: str, detail: str):
+        super().__init__(f"stage {stage!r}: {detail}. Re-run the same command (or requeue) to resume.")
+        self.stage = stage
 
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
@@ -65,6 +74,15 @@ def _log(msg: str) -> None:
     _logger.info(msg)
 
 
+def _copy_output(pipe, log) -> None:
+    """Stream a stage's output to the console and its log as it arrives (progress bars included)."""
+    while chunk := os.read(pipe.fileno(), 65536):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        log.write(chunk)
+        log.flush()
+
+
 def _launch(sdir: Path, name: str, parallel: DictConfig, cluster: DictConfig) -> None:
     """Run one stage with torchrun, streaming its output to the console and to logs/worker.log."""
     port = cluster.get("master_port") or _free_port()
@@ -72,6 +90,10 @@ def _launch(sdir: Path, name: str, parallel: DictConfig, cluster: DictConfig) ->
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={parallel.nproc_per_node}", f"--nnodes={parallel.get('nnodes', 1)}",
         "--master_addr=127.0.0.1", f"--master_port={port}",
+        # pass preemption notices on to the workers, which save and exit (fault_tolerance), and give
+        # them time to finish the step and the save before torchrun kills them
+        f"--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,{','.join(s.name for s in PREEMPTION_SIGNALS)}",
+        f"--shutdown-timeout={int(cluster.get('shutdown_timeout_s', 300))}",
         "-m", "launch.stage_worker", str(sdir),
     ]
     log_path = sdir / "logs" / "worker.log"
@@ -81,17 +103,28 @@ def _launch(sdir: Path, name: str, parallel: DictConfig, cluster: DictConfig) ->
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        reader = threading.Thread(target=_copy_output, args=(proc.stdout, log), daemon=True)
+        reader.start()
+        # a preemption notice to the runner goes to the stage, which checkpoints and exits
+        forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+        previous = {sig: signal.signal(sig, forward) for sig in PREEMPTION_SIGNALS}
         try:
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                log.write(chunk)
             returncode = proc.wait()
-        except BaseException:  # Ctrl-C or a kill of the runner: stop the stage too
+        except BaseException:  # Ctrl-C or an error in the runner: stop the stage too
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        # a process the stage left behind may hold the pipe open: do not wait for it forever
+        reader.join(timeout=10)
+        if reader.is_alive():
+            _log(f"{sdir.name}: a leftover process still holds the stage's output; no longer reading it")
     if returncode != 0:
+        attempt = (manifest.read(sdir) or {}).get("attempts", [{}])[-1]
+        if attempt.get("ended") == "preempted":
+            raise StagePreempted(name, attempt["detail"])
         raise StageFailed(name, returncode, log_path)
 
 

@@ -21,6 +21,7 @@ def main(stage_dir: str) -> int:
 
     from launch.stages import STAGE_KINDS
     from megatron_ext import checkpointing, distributed, manifest
+    from megatron_ext.fault_tolerance import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
     from megatron_ext.stage import StageContext
 
     stage_dir = Path(stage_dir).resolve()
@@ -50,7 +51,20 @@ def main(stage_dir: str) -> int:
     ctx = StageContext(name=name, cfg=cfg, stage_dir=stage_dir, parent_checkpoint=parent, env=env,
                        on_checkpoint=on_checkpoint, record_metrics=record_metrics)
     stage_module = importlib.import_module(STAGE_KINDS[cfg.stages[name].kind])
-    result = stage_module.run(ctx)
+    try:
+        result = stage_module.run(ctx)
+    except Preempted as stop:
+        if env.is_main:
+            manifest.end_attempt(stage_dir, "preempted", stop.step, str(stop), time.perf_counter() - t0)
+            print(f"[{name}] {stop}; exiting with code {PREEMPTED_EXIT_CODE} (requeue to resume)", flush=True)
+        distributed.destroy()
+        return PREEMPTED_EXIT_CODE
+    except TrainingDiverged as stop:
+        if env.is_main:
+            manifest.end_attempt(stage_dir, "diverged", -1, str(stop), time.perf_counter() - t0)
+            print(f"[{name}] {stop}", flush=True)
+        distributed.destroy()
+        return 1
     if env.is_main:
         manifest.complete(
             stage_dir,

@@ -87,8 +87,6 @@ def _model_sharded_state_dict(model) -> dict:
 def save(root: Path, step: int, model, optimizer=None, scheduler=None, progress: dict | None = None,
          keep_last: int | None = None) -> Path:
     """Save a checkpoint collectively on all ranks and mark it latest once complete."""
-    from megatron.core import dist_checkpointing
-
     root = Path(root)
     path = iteration_dir(root, step)
     if dist.get_rank() == 0:
@@ -104,7 +102,7 @@ def save(root: Path, step: int, model, optimizer=None, scheduler=None, progress:
         state["scheduler"] = scheduler.state_dict()
     state["progress"] = dict(progress or {}, step=step, world_size=dist.get_world_size())
     state["rng_state"] = _rng_sharded_object(rng_state())
-    dist_checkpointing.save(state, str(path))
+    dist_checkpointing_save(state, str(path))
     dist.barrier()
     if dist.get_rank() == 0:
         tmp = root / (LATEST_FILE + ".tmp")
@@ -114,6 +112,24 @@ def save(root: Path, step: int, model, optimizer=None, scheduler=None, progress:
             _prune(root, keep_last)
     dist.barrier()
     return path
+
+
+def dist_checkpointing_save(state: dict, path: str) -> None:
+    """The write itself (one name, so fault-injection tests can interrupt a save here).
+
+    Saves are synchronous, so the writer's results can travel through an in-process queue. megatron-core
+    would otherwise start a ``multiprocessing`` Manager server process on the first save: it re-imports
+    ``__main__``, costs a process per rank, and outlives a SIGKILLed trainer, keeping its stdout open
+    (a launcher reading that pipe would wait forever).
+    """
+    import queue
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(state, path)
 
 
 def _prune(root: Path, keep_last: int) -> None:

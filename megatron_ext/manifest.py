@@ -91,6 +91,13 @@ def record_progress(stage_dir: Path, steps: int, tokens_seen: int, elapsed_s: fl
     write(stage_dir, manifest)
 
 
+def end_attempt(stage_dir: Path, outcome: str, step: int, detail: str, elapsed_s: float) -> None:
+    """Record why an attempt stopped early (``preempted`` or ``diverged``)."""
+    manifest = read(stage_dir)
+    manifest["attempts"][-1].update(ended=outcome, at_step=step, detail=detail, elapsed_s=round(elapsed_s, 3))
+    write(stage_dir, manifest)
+
+
 def record_metrics(stage_dir: Path, metrics: dict) -> None:
     manifest = read(stage_dir)
     manifest["final_metrics"] = {**manifest.get("final_metrics", {}), **metrics}

@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import checkpointing
+from megatron_ext.fault_tolerance import Preempted, PreemptionGuard, TrainingDiverged, grads_finite
 from megatron_ext.metrics import MetricsWriter
 
 
@@ -146,6 +147,7 @@ class Trainer:
         self.forward_step = forward_step
         self.on_checkpoint = on_checkpoint
         self.state = TrainState()
+        self._consecutive_skips = 0
         self.num_layers = model.config.num_layers
         self._fwd_bwd = get_forward_backward_func()
 
@@ -188,20 +190,38 @@ class Trainer:
         )
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step; a non-finite loss or gradient skips the update (see fault_tolerance)."""
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run_schedule(self.train_batches.microbatches(self.state.step), forward_only=False)
+        loss = _reduce_lm_loss(losses)
         lrs = self._group_lrs()  # the LRs this update uses
-        update_ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        self.state.step += 1
-        self.state.tokens_seen += self.train_batches.gbs * self.seq_length
         aux = {name: sum(per_layer) for name, per_layer in
                moe_aux_losses(self.train_batches.num_microbatches, self.num_layers).items()}
+        self.state.step += 1
+        self.state.tokens_seen += self.train_batches.gbs * self.seq_length
+        if math.isfinite(loss) and grads_finite(self.model):
+            update_ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            self._consecutive_skips = 0
+        else:
+            update_ok, grad_norm = False, None
+            self._consecutive_skips += 1
+            limit = int(self.cfg.get("max_skipped_steps", 5))
+            if dist.get_rank() == 0:
+                print(f"step {self.state.step}: non-finite loss or gradient (loss={loss}); update skipped "
+                      f"({self._consecutive_skips} in a row, limit {limit})", flush=True)
+            if self._consecutive_skips >= limit:
+                latest = checkpointing.latest_checkpoint(self.checkpoint_root)
+                raise TrainingDiverged(
+                    f"{self._consecutive_skips} consecutive steps (up to step {self.state.step}) had a "
+                    f"non-finite loss or gradient; stopping. The last good checkpoint is {latest}. Lower "
+                    f"train.lr, check the data, or raise train.max_skipped_steps"
+                )
         return {
             **aux,
-            "loss": _reduce_lm_loss(losses),
+            "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             **lrs,
             "update_skipped": not update_ok,
@@ -242,25 +262,38 @@ class Trainer:
             bar = tqdm(total=total, initial=self.state.step, desc="train", unit="step", mininterval=1.0,
                        dynamic_ncols=True)
         last: dict[str, float] = {}
-        while self.state.step < total:
-            t0 = time.perf_counter()
-            last = self.train_step()
-            dt = time.perf_counter() - t0
-            tokens_per_s = self.train_batches.gbs * self.seq_length / dt
-            step = self.state.step
-            if step % log_every == 0 or step == total:
-                self.metrics.write(step, {**last, "tokens_per_s": tokens_per_s,
-                                          "tokens_seen": self.state.tokens_seen, "step_time_s": dt})
-            if step % eval_every == 0 or step == total:
-                last["valid_loss"] = self.evaluate()
-                if last["valid_loss"] is not None:
-                    self.metrics.write(step, {"loss": last["valid_loss"]}, split="valid")
-            if step % save_every == 0 or step == total:
-                self.save()
-            if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                                refresh=False)
-                bar.update(1)
+        with PreemptionGuard() as preemption:
+            while self.state.step < total:
+                last = self._fit_step(total, log_every, eval_every, save_every, bar)
+                signal_name = preemption.requested()
+                if signal_name and self.state.step < total:
+                    if self.state.step % save_every and self.state.step != total:
+                        self.save()
+                    if bar is not None:
+                        bar.close()
+                    raise Preempted(self.state.step, signal_name)
         if bar is not None:
             bar.close()
+        return last
+
+    def _fit_step(self, total: int, log_every: int, eval_every: int, save_every: int, bar) -> dict:
+        """One step of :meth:`fit` with its logging, evaluation and checkpoint."""
+        t0 = time.perf_counter()
+        last = self.train_step()
+        dt = time.perf_counter() - t0
+        tokens_per_s = self.train_batches.gbs * self.seq_length / dt
+        step = self.state.step
+        if step % log_every == 0 or step == total:
+            self.metrics.write(step, {**last, "tokens_per_s": tokens_per_s,
+                                      "tokens_seen": self.state.tokens_seen, "step_time_s": dt})
+        if step % eval_every == 0 or step == total:
+            last["valid_loss"] = self.evaluate()
+            if last["valid_loss"] is not None:
+                self.metrics.write(step, {"loss": last["valid_loss"]}, split="valid")
+        if step % save_every == 0 or step == total:
+            self.save()
+        if bar is not None:
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                            refresh=False)
+            bar.update(1)
         return last

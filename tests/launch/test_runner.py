@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ext.fault_tolerance import PREEMPTED_EXIT_CODE
 from megatron_ext.metrics import read_metrics
 
 SMALL = [
@@ -26,9 +27,9 @@ SMALL = [
 ]
 
 
-def launch(run_dir, *overrides, timeout=300, **popen):
+def launch(run_dir, *overrides, timeout=300, background=False, **popen):
     cmd = [sys.executable, "-m", "launch", f"run_dir={run_dir}", *SMALL, *overrides]
-    if popen:
+    if popen or background:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
@@ -133,3 +134,31 @@ def test_tiny_turbos_hybrid_trains_in_the_pipeline(tmp_path):
     m = manifest(run_dir, "01_pretrain")
     assert m["status"] == "complete" and m["config"]["model"]["family"] == "turbos_hybrid"
     assert m["final_metrics"]["valid_loss"] < m["final_metrics"]["initial_valid_loss"] - 0.5
+
+
+def test_sigterm_to_the_runner_checkpoints_and_exits_for_requeue(tmp_path):
+    """What SLURM does before preemption: the stage saves after its current step, the runner exits
+    with the requeue code, and the next run resumes from that step."""
+    run_dir = tmp_path / "run"
+    long = ["stages.pretrain.train.steps=200", "stages.pretrain.train.save_interval=1000",
+            "pipeline.order=[pretrain]"]
+    proc = launch(run_dir, *long, background=True)
+    metrics = run_dir / "01_pretrain" / "metrics" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert "preempted" in output
+    m = manifest(run_dir, "01_pretrain")
+    assert m["status"] == "running" and m["attempts"][0]["ended"] == "preempted"
+    stopped = m["attempts"][0]["at_step"]
+    assert (run_dir / "01_pretrain" / "checkpoints" / f"iter_{stopped:07d}").is_dir()
+
+    again = launch(run_dir, *long)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    done = manifest(run_dir, "01_pretrain")
+    assert done["status"] == "complete" and done["attempts"][1]["resumed_from_step"] == stopped

@@ -12,6 +12,10 @@ Modes:
 - ``expert_lr``: train 3 steps with a scaled LR for the routed experts, save, train 3 more; restore
   the step-3 checkpoint into a fresh model + optimizer and train the same 3 steps; record every param
   group's LRs at every step and which parameters each group holds.
+- ``fit``: ``Trainer.fit`` with the config's steps / save interval, resuming from ``<ckpt_root>`` if
+  it holds a checkpoint; metrics go to ``<ckpt_root>/metrics``. ``+nan_steps=[k, ...]`` makes those
+  steps' loss NaN. ``TL_TEST_KILL_IN_SAVE_AT=k`` SIGKILLs the process inside the save of step k,
+  after the shards are written but before the checkpoint is marked latest. Preemption exits 75.
 - ``resume``: train 2 steps, save, train 2 more ("straight"); then build a fresh model + optimizer,
   restore the step-2 checkpoint and train 2 steps: losses and final weights must equal the straight run.
 
@@ -19,6 +23,8 @@ Batches are random tokens from a fixed seed, identical on every rank and layout.
 """
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,7 +34,8 @@ from launch.config import load_config
 from megatron_ext import checkpointing, distributed, model_builder, optim
 from megatron_ext.metrics import MetricsWriter
 from megatron_ext.quiet import quiet_known_warnings
-from megatron_ext.trainer import StepBatches, Trainer
+from megatron_ext.fault_tolerance import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
+from megatron_ext.trainer import StepBatches, Trainer, lm_forward_step
 
 VOCAB = 128
 
@@ -58,7 +65,8 @@ def build_trainer(cfg, env, ckpt_root: Path) -> Trainer:
     data = fixed_samples(64, seq)
     dp_rank = parallel_state.get_data_parallel_rank()
     batches = StepBatches(data, int(train.micro_batch_size), int(train.global_batch_size), dp_rank, env.dp)
-    return Trainer(ddp, opt, sched, train, batches, batches, ckpt_root, MetricsWriter(ckpt_root, enabled=False), seq)
+    metrics = MetricsWriter(ckpt_root / "metrics", enabled=env.is_main, tensorboard=False)
+    return Trainer(ddp, opt, sched, train, batches, batches, ckpt_root, metrics, seq)
 
 
 def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
@@ -82,15 +90,56 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         result["eval_loss_after"] = trainer.evaluate()
         checkpointing.save(Path(out + ".weights"), 2, trainer.model)
     elif mode == "compare":
-        checkpointing.load(checkpointing.latest_checkpoint(root), trainer.model)
+        def resolve(path: Path) -> Path:  # a checkpoint folder, or a root whose latest is meant
+            return path if (path / "metadata.json").exists() else checkpointing.latest_checkpoint(path)
+
+        checkpointing.load(resolve(root), trainer.model)
         reference = {k: v.clone() for k, v in trainer.model.state_dict().items() if torch.is_tensor(v)}
         for other in cfg.other:
-            checkpointing.load(checkpointing.latest_checkpoint(Path(other)), trainer.model)
+            checkpointing.load(resolve(Path(other)), trainer.model)
             got = trainer.model.state_dict()
             diff2 = sum(float((got[k] - v).norm()) ** 2 for k, v in reference.items())
             norm2 = sum(float(v.norm()) ** 2 for v in reference.values())
             per_tensor = {k: float((got[k] - v).norm() / v.norm().clamp(min=1e-12)) for k, v in reference.items()}
             result[other] = {"model": (diff2 / norm2) ** 0.5, "worst_tensor": max(per_tensor.values())}
+    elif mode == "fit":
+        kill_at = int(os.environ.get("TL_TEST_KILL_IN_SAVE_AT", 0))
+        if kill_at:
+            real_save = checkpointing.dist_checkpointing_save
+
+            def save_then_die(state, path):
+                real_save(state, path)
+                if state["progress"]["step"] == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            checkpointing.dist_checkpointing_save = save_then_die
+        nan_steps = set(cfg.get("nan_steps") or [])
+        if nan_steps:
+            def poisoned(batch_iter, model):
+                output, loss_fn = lm_forward_step(batch_iter, model)
+                if trainer.state.step + 1 not in nan_steps:
+                    return output, loss_fn
+
+                def nan_loss(out):  # a NaN loss, as a real divergence reports it
+                    loss, report = loss_fn(out)
+                    return loss * float("nan"), {k: v * torch.tensor([float("nan"), 1.0]) for k, v in report.items()}
+
+                return output, nan_loss
+
+            trainer.forward_step = poisoned
+        trainer.restore(parent_checkpoint=None)
+        result["resumed_from"] = trainer.state.resumed_from_step
+        try:
+            result["last"] = trainer.fit()
+        except Preempted as stop:
+            result["preempted_at"] = stop.step
+            if env.is_main:
+                Path(out).write_text(json.dumps(result))
+            distributed.destroy()
+            sys.exit(PREEMPTED_EXIT_CODE)
+        except TrainingDiverged as stop:
+            result["diverged"] = str(stop)
+        result["step"] = trainer.state.step
     elif mode == "expert_lr":
         def groups(tr):
             names = {p: n for n, p in tr.model.module.named_parameters()}
