@@ -21,6 +21,7 @@ def main(stage_dir: str) -> int:
 
     from launch.stages import STAGE_KINDS
     from megatron_ext import checkpointing, distributed, manifest
+    from megatron_ext.errors import ConfigError
     from megatron_ext.fault_tolerance import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
     from megatron_ext.stage import StageContext
 
@@ -59,6 +60,11 @@ def main(stage_dir: str) -> int:
             print(f"[{name}] {stop}; exiting with code {PREEMPTED_EXIT_CODE} (requeue to resume)", flush=True)
         distributed.destroy()
         return PREEMPTED_EXIT_CODE
+    except ConfigError as err:  # e.g. resuming under an incompatible layout: the message says what to do
+        if env.is_main:
+            print(f"config error: {err}", flush=True)
+        distributed.destroy()
+        return 2
     except TrainingDiverged as stop:
         if env.is_main:
             manifest.end_attempt(stage_dir, "diverged", -1, str(stop), time.perf_counter() - t0)

@@ -10,7 +10,9 @@ Layout of a checkpoint root (one per stage)::
 ``latest`` is replaced atomically (write + ``os.replace``) only after every rank has finished writing,
 so a crash during a save leaves the previous checkpoint as "latest". Checkpoints are sharded by
 megatron-core's ``sharded_state_dict``, so a checkpoint saved under one parallel layout loads under
-another (the distributed optimizer uses the ``dp_reshardable`` format, see REFERENCE section 2).
+another. The distributed optimizer's state uses megatron-core's ``dp_reshardable`` format: it reloads
+under any data-parallel size but only under the saved tensor/pipeline/expert sizes (``fully_reshardable``
+fails in 0.16.1), so resuming under another model-parallel layout is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from megatron_ext.errors import ConfigError
 
 LATEST_FILE = "latest"
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -79,6 +83,14 @@ def _rng_sharded_object(data):
     return ShardedObject("rng_state", data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
+def model_parallel_sizes() -> list[int]:
+    """[tensor, pipeline, expert] parallel sizes of this run."""
+    from megatron.core import parallel_state as ps
+
+    return [ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size()]
+
+
 def _model_sharded_state_dict(model) -> dict:
     module = model.module if hasattr(model, "module") else model
     return module.sharded_state_dict()
@@ -100,7 +112,8 @@ def save(root: Path, step: int, model, optimizer=None, scheduler=None, progress:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=_OPTIMIZER_METADATA)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    state["progress"] = dict(progress or {}, step=step, world_size=dist.get_world_size())
+    state["progress"] = dict(progress or {}, step=step, world_size=dist.get_world_size(),
+                             model_parallel=model_parallel_sizes())
     state["rng_state"] = _rng_sharded_object(rng_state())
     dist_checkpointing_save(state, str(path))
     dist.barrier()
@@ -194,7 +207,16 @@ def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = 
         request["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA
         )
-    saved_world = dist_checkpointing.load_common_state_dict(str(path)).get("progress", {}).get("world_size")
+    saved = dist_checkpointing.load_common_state_dict(str(path)).get("progress", {})
+    saved_world = saved.get("world_size")
+    if optimizer is not None and saved.get("model_parallel", model_parallel_sizes()) != model_parallel_sizes():
+        raise ConfigError(
+            f"{path} was saved with tensor/pipeline/expert parallel sizes {saved['model_parallel']}; "
+            f"this run uses {model_parallel_sizes()}. Model weights reshard to any layout, but the "
+            f"distributed optimizer's state reshards across data parallelism only: resume with the "
+            f"saved tensor/pipeline/expert sizes (the data-parallel size may change), or start a new "
+            f"stage from these weights with init_from={path} (a fresh optimizer)"
+        )
     rng = restore_rng and saved_world == dist.get_world_size()
     if rng:
         request["rng_state"] = _rng_sharded_object(None)
