@@ -51,6 +51,17 @@ def validate_parallel(model: Mapping, parallel: Mapping) -> dict[str, int]:
     _divides(hidden, "model.hidden_size", heads, "model.num_attention_heads")
     layers = _positive_int(model["num_layers"], "model.num_layers")
     _divides(layers, "model.num_layers", pp, "parallel.pipeline_model_parallel_size")
+    vpp = parallel.get("virtual_pipeline_model_parallel_size")
+    if vpp is not None:
+        _positive_int(vpp, "parallel.virtual_pipeline_model_parallel_size")
+        if pp < 2:
+            raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
+                              "parallel.pipeline_model_parallel_size >= 2; set it to null")
+        _divides(layers // pp, "model.num_layers / pipeline_model_parallel_size", vpp,
+                 "parallel.virtual_pipeline_model_parallel_size")
+        if model.get("family") != "hunyuan_moe":
+            raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size: not supported for "
+                              f"model.family={model.get('family')!r}; set it to null")
     world = nproc * nnodes
     if world % (tp * pp):
         raise ConfigError(
@@ -90,7 +101,8 @@ def validate_model(model: Mapping, parallel: Mapping) -> None:
         from megatron_ext.models.cla_attention import validate_cla_layout
 
         try:
-            validate_cla_layout(int(model["num_layers"]), share, int(parallel["pipeline_model_parallel_size"]))
+            validate_cla_layout(int(model["num_layers"]), share, int(parallel["pipeline_model_parallel_size"]),
+                                parallel.get("virtual_pipeline_model_parallel_size"))
         except ConfigError as err:
             raise ConfigError(f"model.cla_share_factor / parallel.pipeline_model_parallel_size: {err}") from None
     if model.get("num_moe_experts"):
@@ -103,7 +115,7 @@ def validate_model(model: Mapping, parallel: Mapping) -> None:
         )
 
 
-def validate_train(train: Mapping, prefix: str, dp: int) -> None:
+def validate_train(train: Mapping, prefix: str, dp: int, pp: int = 1, vpp: int | None = None) -> None:
     steps = _positive_int(train["steps"], f"{prefix}.steps")
     mbs = _positive_int(train["micro_batch_size"], f"{prefix}.micro_batch_size")
     gbs = _positive_int(train["global_batch_size"], f"{prefix}.global_batch_size")
@@ -111,6 +123,12 @@ def validate_train(train: Mapping, prefix: str, dp: int) -> None:
         raise ConfigError(
             f"{prefix}.global_batch_size={gbs} must be a multiple of micro_batch_size x data-parallel "
             f"size = {mbs} x {dp}; e.g. set it to {mbs * dp * max(1, gbs // (mbs * dp))}"
+        )
+    if vpp and gbs // (mbs * dp) < pp:
+        raise ConfigError(
+            f"{prefix}: the interleaved pipeline schedule needs at least pipeline_model_parallel_size={pp} "
+            f"micro-batches per step; global_batch_size / (micro_batch_size x data-parallel) = "
+            f"{gbs // (mbs * dp)}: raise global_batch_size"
         )
     style = train["lr_decay_style"]
     if style not in LR_DECAY_STYLES:
@@ -181,7 +199,8 @@ def validate(cfg: Mapping) -> dict[str, int]:
                 f"stages.{name}.init_from={init_from!r}: parent checkpoint not found; point it at a "
                 f"checkpoint folder (e.g. <run_dir>/01_pretrain/checkpoints/iter_0000300) or set null"
             )
-        validate_train(st["train"], f"stages.{name}.train", sizes["dp"])
+        validate_train(st["train"], f"stages.{name}.train", sizes["dp"], sizes["pp"],
+                       cfg["parallel"].get("virtual_pipeline_model_parallel_size"))
         batch_tokens = int(st["train"]["global_batch_size"]) * int(cfg["model"]["seq_length"])
         expert_lr_scale(st["train"].get("expert_lr"), cfg["model"], batch_tokens, field=f"stages.{name}.train.expert_lr")
     return sizes

@@ -91,14 +91,28 @@ def model_parallel_sizes() -> list[int]:
             ps.get_expert_model_parallel_world_size()]
 
 
+def _chunks(model) -> list:
+    """A model chunk, or the list of a rank's chunks (virtual pipeline stages), as unwrapped modules."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [c.module if hasattr(c, "module") else c for c in chunks]
+
+
 def _model_sharded_state_dict(model) -> dict:
-    module = model.module if hasattr(model, "module") else model
-    return module.sharded_state_dict()
+    """Chunks are keyed ``chunk<i>``; their tensors carry global keys and layer offsets, so the
+    nesting does not matter when a checkpoint is loaded under another (virtual) pipeline split."""
+    chunks = _chunks(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
 def save(root: Path, step: int, model, optimizer=None, scheduler=None, progress: dict | None = None,
-         keep_last: int | None = None) -> Path:
-    """Save a checkpoint collectively on all ranks and mark it latest once complete."""
+         keep_last: int | None = None, async_writer: "AsyncCheckpointWriter | None" = None) -> Path:
+    """Save a checkpoint collectively on all ranks and mark it latest once complete.
+
+    With ``async_writer`` the shards are written by a background process while training goes on,
+    and the checkpoint becomes latest when the writer finalizes it (see :class:`AsyncCheckpointWriter`).
+    """
     root = Path(root)
     path = iteration_dir(root, step)
     if dist.get_rank() == 0:
@@ -115,16 +129,57 @@ def save(root: Path, step: int, model, optimizer=None, scheduler=None, progress:
     state["progress"] = dict(progress or {}, step=step, world_size=dist.get_world_size(),
                              model_parallel=model_parallel_sizes())
     state["rng_state"] = _rng_sharded_object(rng_state())
+    if async_writer is not None:
+        async_writer.schedule(state, path, lambda: _mark_latest(root, path, keep_last))
+        return path
     dist_checkpointing_save(state, str(path))
     dist.barrier()
+    _mark_latest(root, path, keep_last)
+    dist.barrier()
+    return path
+
+
+def _mark_latest(root: Path, path: Path, keep_last: int | None) -> None:
+    """Rank 0 points ``latest`` at a checkpoint every rank has finished writing."""
     if dist.get_rank() == 0:
         tmp = root / (LATEST_FILE + ".tmp")
         tmp.write_text(path.name + "\n")
         os.replace(tmp, root / LATEST_FILE)
         if keep_last:
             _prune(root, keep_last)
-    dist.barrier()
-    return path
+
+
+class AsyncCheckpointWriter:
+    """megatron-core's asynchronous ``dist_checkpointing`` save, with our "latest" commit.
+
+    ``schedule`` copies the state to host memory and forks a writer process; :meth:`finalize` (called
+    by the trainer every step, and blocking before it exits) checks collectively whether every rank's
+    writer finished, then runs megatron-core's finalization (the checkpoint metadata) and marks the
+    checkpoint latest. A kill before that leaves the previous checkpoint latest. The writer reports
+    through megatron-core's multiprocessing Manager queue, whose server process outlives a SIGKILLed
+    trainer: use a launcher that cleans up its process group (SLURM does).
+    """
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        if filesystem_async._results_queue is not None and not hasattr(filesystem_async._results_queue, "_callmethod"):
+            filesystem_async._results_queue = None  # the in-process queue of sync saves cannot cross processes
+        self._queue = AsyncCallsQueue()
+
+    def schedule(self, state: dict, path: Path, commit) -> None:
+        from megatron.core import dist_checkpointing
+
+        request = dist_checkpointing.save(state, str(path), async_sharded_save=True)
+        request.add_finalize_fn(commit)
+        self._queue.schedule_async_request(request)
+
+    def finalize(self, blocking: bool = False) -> None:
+        self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def pending(self) -> int:
+        return self._queue.get_num_unfinalized_calls()
 
 
 def dist_checkpointing_save(state: dict, path: str) -> None:
@@ -140,7 +195,7 @@ def dist_checkpointing_save(state: dict, path: str) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
+    if filesystem_async._results_queue is None:  # (an async writer may have set a Manager queue)
         filesystem_async._results_queue = queue.Queue()
     dist_checkpointing.save(state, path)
 
@@ -222,8 +277,12 @@ def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = 
         request["rng_state"] = _rng_sharded_object(None)
     with torch.no_grad():  # the optimizer copies into views of leaf parameters
         loaded = dist_checkpointing.load(request, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-        module = model.module if hasattr(model, "module") else model
-        module.load_state_dict(loaded["model"])
+        chunks = _chunks(model)
+        if len(chunks) == 1:
+            chunks[0].load_state_dict(loaded["model"])
+        else:
+            for i, chunk in enumerate(chunks):
+                chunk.load_state_dict(loaded["model"][f"chunk{i}"])
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(optimizer)

@@ -68,7 +68,7 @@ def count_preset(cfg) -> dict[str, int]:
         if vocab <= 0:
             raise SystemExit("count_params: the preset needs model.vocab_size (the tokenizer's size)")
         with torch.device("meta"):
-            model = model_builder.build_model(cfg.model, config, vocab)
+            (model,) = model_builder.build_model(cfg.model, config, vocab)
         return count(model, cfg.model)
     finally:
         distributed.destroy()

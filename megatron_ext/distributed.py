@@ -62,6 +62,7 @@ def initialize(parallel_cfg: Mapping[str, Any], seed: int, timeout_minutes: int 
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
+        virtual_pipeline_model_parallel_size=parallel_cfg.get("virtual_pipeline_model_parallel_size"),
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_all(seed)

@@ -62,14 +62,15 @@ class PreemptionGuard:
         return signal.Signals(int(flag)).name if int(flag) else None
 
 
-def grads_finite(ddp_model) -> bool:
+def grads_finite(ddp_chunks: list) -> bool:
     """Whether every rank's reduced gradients are finite (collective)."""
     import torch
     import torch.distributed as dist
 
     local = all(
         bool(torch.isfinite(buffer.grad_data).all())
-        for buffer in [*ddp_model.buffers, *ddp_model.expert_parallel_buffers]
+        for chunk in ddp_chunks
+        for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]
     )
     flag = torch.tensor([1 if local else 0], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)

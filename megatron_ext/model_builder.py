@@ -47,6 +47,7 @@ def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, 
     fields.update(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=parallel_cfg.get("virtual_pipeline_model_parallel_size"),
         pipeline_dtype=(torch.float32 if cpu else torch.bfloat16) if pp > 1 else None,
         expert_model_parallel_size=int(parallel_cfg["expert_model_parallel_size"]),
         sequence_parallel=bool(parallel_cfg.get("sequence_parallel") or False) and tp > 1,
@@ -72,15 +73,26 @@ def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, 
     return TransformerConfig(**fields)
 
 
-def build_model(model_cfg: Mapping[str, Any], config: TransformerConfig, vocab_size: int) -> torch.nn.Module:
-    """This rank's model chunk (pipeline stage); not yet wrapped in DDP."""
+def build_model(model_cfg: Mapping[str, Any], config: TransformerConfig, vocab_size: int) -> list[torch.nn.Module]:
+    """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP).
+
+    Not yet wrapped in DDP. With virtual pipeline stages, chunk ``i`` holds the ``i``-th slice of
+    this rank's layers; only the first chunk of the first stage embeds and only the last chunk of
+    the last stage has the output layer.
+    """
     family = model_cfg.get("family", "hunyuan_moe")
     if family not in FAMILIES:
         raise ModelConfigError(f"model.family={family!r}: choose one of {sorted(FAMILIES)}")
-    return FAMILIES[family].build(
-        config,
-        model_cfg,
-        vocab_size=vocab_size,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = range(vpp) if vpp else [None]
+    return [
+        FAMILIES[family].build(
+            config,
+            model_cfg,
+            vocab_size=vocab_size,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        )
+        for vp_stage in stages
+    ]

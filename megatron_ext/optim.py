@@ -18,16 +18,20 @@ from megatron.core.transformer import TransformerConfig
 from megatron_ext import expert_lr
 
 
-def wrap_ddp(model, config: TransformerConfig, use_distributed_optimizer: bool) -> DistributedDataParallel:
+def wrap_ddp(chunks: list, config: TransformerConfig, use_distributed_optimizer: bool) -> list[DistributedDataParallel]:
+    """megatron-core DDP around each model chunk (as Megatron-LM: only the first chunk is bucketed)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    return [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
 
 
-def connect_schedule_hooks(config: TransformerConfig, ddp_model, optimizer) -> None:
+def connect_schedule_hooks(config: TransformerConfig, ddp_chunks: list, optimizer) -> None:
     """Give megatron-core's forward/backward schedules the hooks Megatron-LM's trainer installs.
 
     Without ``finalize_model_grads_func`` the schedules never finish DDP's gradient reduction, nor
@@ -36,10 +40,11 @@ def connect_schedule_hooks(config: TransformerConfig, ddp_model, optimizer) -> N
     """
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = ddp_model.no_sync
+    no_sync = [chunk.no_sync for chunk in ddp_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
 
-def build_optimizer(train: Mapping[str, Any], ddp_model, bf16: bool, use_distributed_optimizer: bool,
+def build_optimizer(train: Mapping[str, Any], ddp_chunks: list, bf16: bool, use_distributed_optimizer: bool,
                     expert_lr_scale: float | None = None):
     """Return (optimizer, scheduler); routed experts get ``expert_lr_scale`` x the LR range when given
     (see :mod:`megatron_ext.expert_lr`)."""
@@ -56,8 +61,8 @@ def build_optimizer(train: Mapping[str, Any], ddp_model, bf16: bool, use_distrib
         use_distributed_optimizer=use_distributed_optimizer,
     )
     overrides = expert_lr.param_group_overrides(opt_config, expert_lr_scale)
-    optimizer = get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
-    connect_schedule_hooks(ddp_model.config, ddp_model, optimizer)
+    optimizer = get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
+    connect_schedule_hooks(ddp_chunks[0].config, ddp_chunks, optimizer)
     steps = int(train["steps"])
     style = train["lr_decay_style"]
     scheduler = OptimizerParamScheduler(

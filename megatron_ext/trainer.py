@@ -123,7 +123,7 @@ def _reduce_lm_loss(losses: Sequence[dict]) -> float:
 class Trainer:
     def __init__(
         self,
-        model,
+        model: list,
         optimizer,
         scheduler,
         train_cfg: Mapping[str, Any],
@@ -135,7 +135,7 @@ class Trainer:
         forward_step: Callable = lm_forward_step,
         on_checkpoint: Callable[[TrainState, Path], None] | None = None,
     ):
-        self.model = model
+        self.chunks = list(model)  # DDP-wrapped model chunks (one per virtual pipeline stage)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.cfg = train_cfg
@@ -147,8 +147,9 @@ class Trainer:
         self.forward_step = forward_step
         self.on_checkpoint = on_checkpoint
         self.state = TrainState()
+        self.async_writer = checkpointing.AsyncCheckpointWriter() if train_cfg.get("async_save") else None
         self._consecutive_skips = 0
-        self.num_layers = model.config.num_layers
+        self.num_layers = self.chunks[0].config.num_layers
         self._fwd_bwd = get_forward_backward_func()
 
     # -- state ---------------------------------------------------------------------------------
@@ -156,22 +157,23 @@ class Trainer:
         """Resume from this stage's latest checkpoint, else start from the parent stage's weights."""
         latest = checkpointing.latest_checkpoint(self.checkpoint_root)
         if latest is not None:
-            progress = checkpointing.load(latest, self.model, self.optimizer, self.scheduler, restore_rng=True)
+            progress = checkpointing.load(latest, self.chunks, self.optimizer, self.scheduler, restore_rng=True)
             self.state.step = int(progress["step"])
             self.state.tokens_seen = int(progress.get("tokens_seen", 0))
             self.state.resumed_from_step = self.state.step
         elif parent_checkpoint:
-            checkpointing.load(Path(parent_checkpoint), self.model)
+            checkpointing.load(Path(parent_checkpoint), self.chunks)
 
     def save(self) -> Path:
         path = checkpointing.save(
             self.checkpoint_root,
             self.state.step,
-            self.model,
+            self.chunks,
             self.optimizer,
             self.scheduler,
             progress={"tokens_seen": self.state.tokens_seen},
             keep_last=self.cfg.get("keep_last_checkpoints"),
+            async_writer=self.async_writer,
         )
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.state, path)
@@ -179,10 +181,12 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------
     def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
+        # each chunk reads the step's micro-batches (only the first and last stages use them)
+        data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
         return self._fwd_bwd(
             forward_step_func=self.forward_step,
-            data_iterator=iter(microbatches),
-            model=[self.model],
+            data_iterator=data,
+            model=self.chunks,
             num_microbatches=len(microbatches),
             seq_length=self.seq_length,
             micro_batch_size=self.train_batches.mbs,
@@ -191,8 +195,9 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step; a non-finite loss or gradient skips the update (see fault_tolerance)."""
-        self.model.train()
-        self.model.zero_grad_buffer()
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run_schedule(self.train_batches.microbatches(self.state.step), forward_only=False)
         loss = _reduce_lm_loss(losses)
@@ -201,7 +206,7 @@ class Trainer:
                moe_aux_losses(self.train_batches.num_microbatches, self.num_layers).items()}
         self.state.step += 1
         self.state.tokens_seen += self.train_batches.gbs * self.seq_length
-        if math.isfinite(loss) and grads_finite(self.model):
+        if math.isfinite(loss) and grads_finite(self.chunks):
             update_ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             self._consecutive_skips = 0
@@ -239,11 +244,13 @@ class Trainer:
     def evaluate(self) -> float | None:
         if self.valid_batches is None:
             return None
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         losses = []
         for i in range(int(self.cfg.get("eval_iters", 1))):
             losses.extend(self._run_schedule(self.valid_batches.microbatches(i), forward_only=True))
-        self.model.train()
+        for chunk in self.chunks:
+            chunk.train()
         moe_aux_losses(1, self.num_layers)  # evaluation's aux losses are not training's: drop them
         return _reduce_lm_loss(losses)
 
@@ -265,16 +272,25 @@ class Trainer:
         with PreemptionGuard() as preemption:
             while self.state.step < total:
                 last = self._fit_step(total, log_every, eval_every, save_every, bar)
+                if self.async_writer is not None:
+                    self.async_writer.finalize(blocking=False)
                 signal_name = preemption.requested()
                 if signal_name and self.state.step < total:
                     if self.state.step % save_every and self.state.step != total:
                         self.save()
+                    self.finish_saves()
                     if bar is not None:
                         bar.close()
                     raise Preempted(self.state.step, signal_name)
+        self.finish_saves()
         if bar is not None:
             bar.close()
         return last
+
+    def finish_saves(self) -> None:
+        """Wait for asynchronous checkpoint writes and mark them latest (no-op for sync saves)."""
+        if self.async_writer is not None:
+            self.async_writer.finalize(blocking=True)
 
     def _fit_step(self, total: int, log_every: int, eval_every: int, save_every: int, bar) -> dict:
         """One step of :meth:`fit` with its logging, evaluation and checkpoint."""

@@ -61,17 +61,18 @@ def run(ctx: StageContext) -> StageResult:
     )
 
     config = model_builder.transformer_config(cfg.model, cfg.parallel)
-    model = model_builder.build_model(cfg.model, config, padded_vocab_size(model_vocab_size(cfg.model, tokenizer), env.tp))
+    vocab = padded_vocab_size(model_vocab_size(cfg.model, tokenizer), env.tp)
+    chunks = model_builder.build_model(cfg.model, config, vocab)
     use_dist_opt = bool(cfg.parallel.use_distributed_optimizer)
-    ddp_model = optim.wrap_ddp(model, config, use_dist_opt)
+    ddp_chunks = optim.wrap_ddp(chunks, config, use_dist_opt)
     lr_scale = expert_lr_scale(train.get("expert_lr"), cfg.model, gbs * seq_length,
                                field=f"stages.{ctx.name}.train.expert_lr")
-    optimizer, scheduler = optim.build_optimizer(train, ddp_model, bf16=config.bf16,
+    optimizer, scheduler = optim.build_optimizer(train, ddp_chunks, bf16=config.bf16,
                                                  use_distributed_optimizer=use_dist_opt,
                                                  expert_lr_scale=lr_scale)
     dp_rank = parallel_state.get_data_parallel_rank()
     trainer = Trainer(
-        ddp_model, optimizer, scheduler, train,
+        ddp_chunks, optimizer, scheduler, train,
         train_batches=StepBatches(train_ds, mbs, gbs, dp_rank, env.dp),
         valid_batches=StepBatches(valid_ds, mbs, gbs, dp_rank, env.dp) if valid_ds is not None else None,
         checkpoint_root=ctx.stage_dir / "checkpoints",

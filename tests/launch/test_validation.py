@@ -112,3 +112,16 @@ def test_recycle_routing_needs_a_capacity_factor():
 
 def test_unknown_routing_mode():
     check(["model.moe_routing_mode=greedy"], "model.moe_routing_mode='greedy'")
+
+
+def test_virtual_pipeline_needs_whole_layers_per_chunk():
+    check(["parallel=pp2_vpp2", "model.num_layers=6", "model.cla_share_factor=1"],
+          "parallel.virtual_pipeline_model_parallel_size=2")
+
+
+def test_cla_groups_must_fit_virtual_pipeline_chunks():
+    check(["parallel=pp2_vpp2"], "model.cla_share_factor", "straddles")
+
+
+def test_virtual_pipeline_is_valid_for_single_layer_chunks():
+    validate(load_config(["parallel=pp2_vpp2", "model.cla_share_factor=1"]))

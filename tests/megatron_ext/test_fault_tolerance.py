@@ -109,3 +109,22 @@ def test_consecutive_nan_steps_stop_with_last_good_checkpoint(tmp_path):
     # step 4's checkpoint holds the step-2 weights (steps 3 and 4 changed nothing); it is latest
     assert latest_checkpoint(root) == root / "iter_0000004"
     assert weight_diff(tmp_path, root / "iter_0000002", root / "iter_0000004") == 0.0
+
+
+def test_async_saves_train_and_checkpoint_like_sync_saves(straight, tmp_path):
+    root = tmp_path / "async"
+    # in its own session, so the writers' Manager server processes can be cleaned up afterwards
+    proc = worker(tmp_path / "a.json", root, "fit", *STEPS, "stages.pretrain.train.async_save=true",
+                  start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, output[-3000:]
+    assert latest_checkpoint(root) == root / "iter_0000006"
+    assert sorted(p.name for p in root.glob("iter_*")) == ["iter_0000004", "iter_0000006"]  # keep_last 2
+    assert losses(root) == losses(straight)
+    assert weight_diff(tmp_path, straight / "iter_0000006", root / "iter_0000006") == 0.0

@@ -18,11 +18,15 @@ DROPLESS = ["model.moe_routing_mode=dropless", "model.moe_expert_capacity_factor
 FAMILIES = {
     "tiny_large": ["model=tiny_large", *DROPLESS],   # GPT MoE with CLA and a shared expert
     "tiny_turbos": ["model=tiny_turbos", *DROPLESS],                # hybrid Mamba2 / attention / MoE
+    # virtual pipeline stages of one layer each: CLA groups of 2 would straddle them
+    "tiny_large_no_cla": ["model=tiny_large", *DROPLESS, "model.cla_share_factor=1"],
 }
 LAYOUTS = {  # layout -> processes
-    "tp2": 2, "ep2": 2, "dp2": 2, "pp2": 2, "tp2_ep2": 4, "pp2_dp2": 4,
+    "tp2": 2, "ep2": 2, "dp2": 2, "pp2": 2, "tp2_ep2": 4, "pp2_dp2": 4, "pp2_vpp2": 2,
 }
-CASES = [("tiny_large", layout) for layout in LAYOUTS] + [("tiny_turbos", l) for l in ("tp2", "pp2", "dp2")]
+CASES = ([("tiny_large", layout) for layout in LAYOUTS if layout != "pp2_vpp2"]
+         + [("tiny_turbos", layout) for layout in ("tp2", "pp2", "dp2")]
+         + [("tiny_large_no_cla", "pp2_vpp2")])
 
 
 @pytest.fixture(scope="module")

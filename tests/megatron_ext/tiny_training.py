@@ -53,8 +53,8 @@ def build_trainer(cfg, env, ckpt_root: Path) -> Trainer:
     from megatron.core import parallel_state
 
     config = model_builder.transformer_config(cfg.model, cfg.parallel)
-    model = model_builder.build_model(cfg.model, config, VOCAB)
-    ddp = optim.wrap_ddp(model, config, True)
+    chunks = model_builder.build_model(cfg.model, config, VOCAB)
+    ddp = optim.wrap_ddp(chunks, config, True)
     train = cfg.stages.pretrain.train
     from megatron_ext.expert_lr import expert_lr_scale
 
@@ -81,23 +81,23 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
     if mode == "reference":
         trainer.save()  # step-0 weights, the common starting point of every layout
     elif mode == "from_checkpoint":
-        checkpointing.load(checkpointing.iteration_dir(root, 0), trainer.model)
+        checkpointing.load(checkpointing.iteration_dir(root, 0), trainer.chunks)
     if mode in ("reference", "from_checkpoint"):
         result["eval_loss"] = trainer.evaluate()
         result["steps"] = [trainer.train_step() for _ in range(2)]
         result["train_losses"] = [s["loss"] for s in result["steps"]]
         result["tokens_seen"] = trainer.state.tokens_seen
         result["eval_loss_after"] = trainer.evaluate()
-        checkpointing.save(Path(out + ".weights"), 2, trainer.model)
+        checkpointing.save(Path(out + ".weights"), 2, trainer.chunks)
     elif mode == "compare":
         def resolve(path: Path) -> Path:  # a checkpoint folder, or a root whose latest is meant
             return path if (path / "metadata.json").exists() else checkpointing.latest_checkpoint(path)
 
-        checkpointing.load(resolve(root), trainer.model)
-        reference = {k: v.clone() for k, v in trainer.model.state_dict().items() if torch.is_tensor(v)}
+        checkpointing.load(resolve(root), trainer.chunks[0])
+        reference = {k: v.clone() for k, v in trainer.chunks[0].state_dict().items() if torch.is_tensor(v)}
         for other in cfg.other:
-            checkpointing.load(resolve(Path(other)), trainer.model)
-            got = trainer.model.state_dict()
+            checkpointing.load(resolve(Path(other)), trainer.chunks[0])
+            got = trainer.chunks[0].state_dict()
             diff2 = sum(float((got[k] - v).norm()) ** 2 for k, v in reference.items())
             norm2 = sum(float(v.norm()) ** 2 for v in reference.values())
             per_tensor = {k: float((got[k] - v).norm() / v.norm().clamp(min=1e-12)) for k, v in reference.items()}
@@ -142,7 +142,7 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         result["step"] = trainer.state.step
     elif mode == "expert_lr":
         def groups(tr):
-            names = {p: n for n, p in tr.model.module.named_parameters()}
+            names = {p: n for n, p in tr.chunks[0].module.named_parameters()}
             out = [{"lr": g["lr"], "max_lr": g["max_lr"], "min_lr": g["min_lr"], "names": []}
                    for g in tr.optimizer.param_groups]
             for inner in tr.optimizer.chained_optimizers:
@@ -171,12 +171,12 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         result["first_losses"] = [trainer.train_step()["loss"] for _ in range(2)]
         trainer.save()
         result["straight_losses"] = [trainer.train_step()["loss"] for _ in range(2)]
-        straight = {k: v.clone() for k, v in trainer.model.state_dict().items() if torch.is_tensor(v)}
+        straight = {k: v.clone() for k, v in trainer.chunks[0].state_dict().items() if torch.is_tensor(v)}
         fresh = build_trainer(cfg, env, root)  # a different random init: the RNG has advanced
         fresh.restore(parent_checkpoint=None)
         result["restored_step"] = fresh.state.step
         result["resumed_losses"] = [fresh.train_step()["loss"] for _ in range(2)]
-        after = fresh.model.state_dict()
+        after = fresh.chunks[0].state_dict()
         result["weights_equal_after_resume"] = all(torch.equal(v, after[k]) for k, v in straight.items())
     if env.is_main:
         Path(out).write_text(json.dumps(result))
