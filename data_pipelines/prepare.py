@@ -28,7 +28,7 @@ from data_pipelines.tokenizer import TOKENIZER_FILE, load_tokenizer, train_bpe
 MANIFEST = "data_manifest.json"
 TOKENIZER_DIR = "tokenizer"
 # Bump when generators or the on-disk format change, so old manifests stop matching.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chat / thinking-mode / self-reward special tokens
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 

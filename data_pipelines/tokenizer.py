@@ -16,15 +16,22 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from data_pipelines import special_tokens
 from data_pipelines.errors import DataConfigError
 
-EOD_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
+EOD_TOKEN = special_tokens.EOD
+PAD_TOKEN = special_tokens.PAD
 TOKENIZER_FILE = "tokenizer.json"
 
 
 class Tokenizer:
-    """Wraps a `tokenizers.Tokenizer` that defines the EOD_TOKEN and PAD_TOKEN specials."""
+    """Wraps a `tokenizers.Tokenizer` that defines the pipeline's special tokens.
+
+    EOD and PAD must exist; the chat, thinking-mode and self-reward tokens of
+    :mod:`data_pipelines.special_tokens` are added to a loaded tokenizer that lacks them (the
+    vocabulary grows by that many ids). Text is encoded with special-token strings treated as plain
+    text, so no document can produce a special id (LaSeR relies on that for its self-reward token).
+    """
 
     def __init__(self, hf_tokenizer: HFTokenizer) -> None:
         self._tok = hf_tokenizer
@@ -35,6 +42,10 @@ class Tokenizer:
                 f"tokenizer.path: the tokenizer lacks the special tokens {missing}; add "
                 f"{EOD_TOKEN!r} and {PAD_TOKEN!r} to it, or set tokenizer.path: null to train one"
             )
+        absent = [t for t in special_tokens.ALL if hf_tokenizer.token_to_id(t) is None]
+        if absent:
+            hf_tokenizer.add_special_tokens(absent)
+        hf_tokenizer.encode_special_tokens = True  # raw text never yields a special id
         self._eod, self._pad = ids[EOD_TOKEN], ids[PAD_TOKEN]
         sha = hashlib.sha256(hf_tokenizer.to_str().encode("utf-8")).hexdigest()
         self.unique_identifiers = OrderedDict(
@@ -52,6 +63,12 @@ class Tokenizer:
     @property
     def pad(self) -> int:
         return self._pad
+
+    def special_id(self, token: str) -> int:
+        """The id of one of :data:`data_pipelines.special_tokens.ALL`."""
+        if token not in special_tokens.ALL:
+            raise KeyError(f"{token!r} is not a pipeline special token: {special_tokens.ALL}")
+        return self._tok.token_to_id(token)
 
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -74,19 +91,20 @@ class Tokenizer:
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style: any string round-trips exactly) and save it.
 
-    The 256 byte symbols and the two specials are part of `vocab_size`, so it must exceed 258.
+    The 256 byte symbols and the special tokens are part of `vocab_size`.
     """
-    if not isinstance(vocab_size, int) or vocab_size < 259:
+    floor = 256 + len(special_tokens.ALL) + 1
+    if not isinstance(vocab_size, int) or vocab_size < floor:
         raise DataConfigError(
-            f"tokenizer.vocab_size: must be an integer >= 259 (256 bytes + 2 special tokens + "
-            f"at least one merge), got {vocab_size!r}"
+            f"tokenizer.vocab_size: must be an integer >= {floor} (256 bytes + "
+            f"{len(special_tokens.ALL)} special tokens + at least one merge), got {vocab_size!r}"
         )
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOD_TOKEN, PAD_TOKEN],
+        special_tokens=list(special_tokens.ALL),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

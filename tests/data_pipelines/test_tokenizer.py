@@ -60,3 +60,31 @@ def test_missing_tokenizer_file_says_what_is_expected(tmp_path):
 def test_vocab_too_small(tmp_path):
     with pytest.raises(DataConfigError, match="tokenizer.vocab_size"):
         train_bpe(itertools.repeat("abc", 3), vocab_size=100, out_dir=tmp_path)
+
+
+def test_special_tokens_have_ids_but_raw_text_never_produces_them(trained):
+    from data_pipelines import special_tokens
+
+    trained, _ = trained
+    ids = {t: trained.special_id(t) for t in special_tokens.ALL}
+    assert sorted(ids.values()) == list(range(len(special_tokens.ALL)))  # trained: ids 0..8
+    text = f"a user wrote {special_tokens.SELF_REWARD} and {special_tokens.ASSISTANT} literally"
+    encoded = trained.tokenize(text)
+    assert not set(encoded) & set(ids.values())
+    assert trained.detokenize(encoded) == text
+
+
+def test_loaded_tokenizer_gains_missing_pipeline_tokens(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from data_pipelines import special_tokens
+    from data_pipelines.tokenizer import load_tokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.add_special_tokens([special_tokens.EOD, special_tokens.PAD])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eod == 0 and tok.pad == 1
+    assert tok.special_id(special_tokens.SELF_REWARD) == len(special_tokens.ALL) - 1
+    assert tok.vocab_size == len(special_tokens.ALL)
