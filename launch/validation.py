@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from launch.stages import STAGE_KINDS
 from megatron_ext.errors import ConfigError
 from megatron_ext.expert_lr import expert_lr_scale
+from megatron_ext.stage import stage_model_config
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
 
@@ -201,6 +202,8 @@ def validate(cfg: Mapping) -> dict[str, int]:
             )
         validate_train(st["train"], f"stages.{name}.train", sizes["dp"], sizes["pp"],
                        cfg["parallel"].get("virtual_pipeline_model_parallel_size"))
-        batch_tokens = int(st["train"]["global_batch_size"]) * int(cfg["model"]["seq_length"])
-        expert_lr_scale(st["train"].get("expert_lr"), cfg["model"], batch_tokens, field=f"stages.{name}.train.expert_lr")
+        model = stage_model_config(cfg, name)
+        seq = _positive_int(model["seq_length"], f"stages.{name}.model_overrides.seq_length")
+        batch_tokens = int(st["train"]["global_batch_size"]) * seq
+        expert_lr_scale(st["train"].get("expert_lr"), model, batch_tokens, field=f"stages.{name}.train.expert_lr")
     return sizes

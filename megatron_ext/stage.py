@@ -9,9 +9,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from megatron_ext.distributed import DistEnv
+from megatron_ext.errors import ConfigError
+
+if TYPE_CHECKING:  # the launcher validates configs with this module without importing torch
+    from megatron_ext.distributed import DistEnv
+
+# Model fields a stage may change for itself: none of them changes a parameter's shape, so the
+# stage still loads its parent's checkpoint (long-context extension, SFT dropout).
+STAGE_MODEL_OVERRIDES = ("seq_length", "rotary_base", "hidden_dropout", "attention_dropout")
+
+
+def stage_model_config(cfg, name: str):
+    """``cfg.model`` with the stage's ``model_overrides`` applied."""
+    from omegaconf import OmegaConf
+
+    overrides = cfg.stages[name].get("model_overrides") or {}
+    bad = sorted(set(overrides) - set(STAGE_MODEL_OVERRIDES))
+    if bad:
+        raise ConfigError(
+            f"stages.{name}.model_overrides.{bad[0]}: a stage may only change {list(STAGE_MODEL_OVERRIDES)} "
+            f"(the rest would change parameter shapes); set it in the model preset instead"
+        )
+    return OmegaConf.merge(cfg.model, overrides)
+
+
+def ntk_rope_base(base: float, context_scale: float, head_dim: int) -> float:
+    """RoPE base for a context ``context_scale`` times longer ("NTK-aware" scaling).
+
+    Scaling the base by ``s ** (d / (d - 2))`` stretches the lowest frequency by ``s`` while leaving
+    the highest almost unchanged, so nearby positions stay resolved (the rule Hunyuan-Large's
+    dynamic NTK RoPE follows with ``alpha = s``).
+    """
+    return base * context_scale ** (head_dim / (head_dim - 2))
 
 
 @dataclass
@@ -29,6 +60,11 @@ class StageContext:
     @property
     def stage_cfg(self):
         return self.cfg.stages[self.name]
+
+    @property
+    def model_cfg(self):
+        """The model config this stage trains (the preset plus the stage's ``model_overrides``)."""
+        return stage_model_config(self.cfg, self.name)
 
     @property
     def run_dir(self) -> Path:

@@ -43,9 +43,9 @@ def model_vocab_size(model_cfg, tokenizer) -> int:
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, st, env = ctx.cfg, ctx.stage_cfg, ctx.env
+    cfg, st, env, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.env, ctx.model_cfg
     train = st.train
-    seq_length = int(cfg.model.seq_length)
+    seq_length = int(model_cfg.seq_length)
     data_dir = ctx.run_dir / "data"
     prepared = prepare_data(cfg.data, data_dir, cfg.seed)
     mix = cfg.data.mixes[st.mix]
@@ -60,12 +60,12 @@ def run(ctx: StageContext) -> StageResult:
         cache_dir=data_dir / "cache",
     )
 
-    config = model_builder.transformer_config(cfg.model, cfg.parallel)
-    vocab = padded_vocab_size(model_vocab_size(cfg.model, tokenizer), env.tp)
-    chunks = model_builder.build_model(cfg.model, config, vocab)
+    config = model_builder.transformer_config(model_cfg, cfg.parallel)
+    vocab = padded_vocab_size(model_vocab_size(model_cfg, tokenizer), env.tp)
+    chunks = model_builder.build_model(model_cfg, config, vocab)
     use_dist_opt = bool(cfg.parallel.use_distributed_optimizer)
     ddp_chunks = optim.wrap_ddp(chunks, config, use_dist_opt)
-    lr_scale = expert_lr_scale(train.get("expert_lr"), cfg.model, gbs * seq_length,
+    lr_scale = expert_lr_scale(train.get("expert_lr"), model_cfg, gbs * seq_length,
                                field=f"stages.{ctx.name}.train.expert_lr")
     optimizer, scheduler = optim.build_optimizer(train, ddp_chunks, bf16=config.bf16,
                                                  use_distributed_optimizer=use_dist_opt,

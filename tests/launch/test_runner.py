@@ -24,6 +24,9 @@ SMALL = [
     "stages.pretrain.train.eval_iters=1",
     "stages.anneal.train.steps=4", "stages.anneal.train.save_interval=4",
     "stages.anneal.train.eval_interval=4", "stages.anneal.train.eval_iters=1",
+    "stages.long_context.train.steps=4", "stages.long_context.train.warmup_steps=1",
+    "stages.long_context.train.save_interval=4", "stages.long_context.train.eval_interval=4",
+    "stages.long_context.train.eval_iters=1",
 ]
 
 
@@ -62,6 +65,14 @@ def test_each_stage_leaves_manifest_and_checkpoint(finished_run):
     assert ann["parent_checkpoint"] == str(finished_run / "01_pretrain" / pre["checkpoint"])
     # annealing draws a different mix, so its data fingerprint differs
     assert ann["data_fingerprint"] != pre["data_fingerprint"]
+
+
+def test_long_context_stage_trains_longer_sequences_from_the_annealed_weights(finished_run):
+    ann, long = manifest(finished_run, "02_anneal"), manifest(finished_run, "03_long_context")
+    assert long["status"] == "complete"
+    assert long["parent_checkpoint"] == str(finished_run / "02_anneal" / ann["checkpoint"])
+    assert long["tokens_seen"] == 4 * 8 * 256  # steps x global batch x the stage's sequence length
+    assert long["config"]["stages"]["long_context"]["model_overrides"]["rotary_base"] == 22082
 
 
 def test_pretraining_loss_falls_and_anneal_starts_from_it(finished_run):
