@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 from data_pipelines.errors import DataConfigError
-from data_pipelines.indexed import write_indexed_dataset
+from data_pipelines.preprocess import preprocess
 from data_pipelines.synthetic_corpus import GENERATORS, generate_documents
 from data_pipelines.tokenizer import TOKENIZER_FILE, load_tokenizer, train_bpe
 
 MANIFEST = "data_manifest.json"
 TOKENIZER_DIR = "tokenizer"
+RAW_DIR = "raw"  # generated sources as JSON lines, the input preprocessing reads
 # Bump when generators or the on-disk format change, so old manifests stop matching.
-FORMAT_VERSION = 2  # 2: chat / thinking-mode / self-reward special tokens
+FORMAT_VERSION = 3  # 2: chat / thinking-mode / self-reward tokens; 3: via preprocess (dedup, rejects)
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -157,10 +158,10 @@ def _data_defining_config(data_cfg: Mapping) -> dict:
             canonical[name] = {"generator": src["generator"], "num_docs": num_docs}
             continue
         path = os.path.abspath(os.path.expanduser(str(src["path"])))
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise DataConfigError(
-                f"sources.{name}.path: file {path} does not exist; expected a local JSON lines "
-                f"file with one object per line holding the text under text_key"
+                f"sources.{name}.path: {path} does not exist; expected a local JSON lines, Parquet "
+                f"or Arrow file, or a `datasets` folder saved with save_to_disk"
             )
         st = os.stat(path)
         canonical[name] = {"path": path, "text_key": src.get("text_key", "text"),
@@ -216,8 +217,18 @@ def _build(config: dict, seed: int, work_dir: str) -> dict:
     fingerprints, source_stats = {}, {}
     for name, src in sources.items():
         prefix = os.path.join(work_dir, name)
-        texts = _source_texts(name, src, seed)
-        source_stats[name] = write_indexed_dataset(texts, tokenizer, prefix)
+        if "generator" in src:  # generated text goes through the same preprocessing as real data
+            raw = os.path.join(work_dir, RAW_DIR, f"{name}.jsonl")
+            os.makedirs(os.path.dirname(raw), exist_ok=True)
+            with open(raw, "w", encoding="utf-8") as f:
+                for text in _source_texts(name, src, seed):
+                    f.write(json.dumps({"text": text}) + "\n")
+            inputs, text_key = [raw], "text"
+        else:
+            inputs, text_key = [src["path"]], src["text_key"]
+        report = preprocess(inputs, prefix, tok_dir, text_key=text_key, progress=False)
+        source_stats[name] = {k: report[k] for k in ("documents", "tokens", "duplicates_dropped",
+                                                     "rejected_total")}
         fingerprints[name] = _sha256_files([prefix + ".bin", prefix + ".idx"])
     return {
         "tokenizer_dir": TOKENIZER_DIR,
@@ -268,7 +279,8 @@ def _check_replaceable(out_dir: str) -> None:
     entries = os.listdir(out_dir)
 
     def ours(entry: str) -> bool:
-        return entry in (MANIFEST, TOKENIZER_DIR) or entry.endswith((".bin", ".idx"))
+        return entry in (MANIFEST, TOKENIZER_DIR, RAW_DIR) or entry.endswith(
+            (".bin", ".idx", ".done.json", ".report.json", ".rejects.jsonl"))
 
     if MANIFEST not in entries and not all(map(ours, entries)):
         raise DataConfigError(

@@ -141,3 +141,17 @@ def test_error_unknown_mix_source_before_any_work(tmp_path):
     with pytest.raises(DataConfigError, match=r"mixes\.main.*'code', 'prose'.*poems"):
         prepare_data(cfg, tmp_path / "out", seed=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_file_sources_go_through_preprocessing(tmp_path, tiny_prepared):
+    """Bad lines are set aside and duplicates dropped, never stopping the preparation."""
+    lines = [json.dumps({"body": f"document number {i} says hello"}) for i in range(10)]
+    lines += ["{not json", json.dumps({"body": 7}), lines[0]]  # 2 rejects, 1 duplicate
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = {"tokenizer": {"path": tiny_prepared.tokenizer_dir},
+           "sources": {"mine": {"path": str(tmp_path / "docs.jsonl"), "text_key": "body"}}}
+    prepared = prepare_data(cfg, tmp_path / "out", seed=0)
+    stats = prepared.stats["sources"]["mine"]
+    assert (stats["documents"], stats["rejected_total"], stats["duplicates_dropped"]) == (10, 2, 1)
+    rejects = (tmp_path / "out" / "mine.rejects.jsonl").read_text().splitlines()
+    assert sorted(json.loads(r)["reason"] for r in rejects) == ["bad_json", "non_string_text"]
