@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from data_pipelines.errors import DataConfigError
 from data_pipelines.preprocess import preprocess
 from data_pipelines.synthetic_corpus import GENERATORS, generate_documents
-from data_pipelines.tokenizer import TOKENIZER_FILE, load_tokenizer, train_bpe
+from data_pipelines.tokenizer import load_tokenizer, tokenizer_file, train_bpe
 
 MANIFEST = "data_manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -118,12 +118,7 @@ def _data_defining_config(data_cfg: Mapping) -> dict:
         raise DataConfigError(f"tokenizer: expected a mapping with path or vocab_size, got {tok!r}")
     if tok.get("path") is not None:
         tok_dir = os.path.abspath(os.path.expanduser(str(tok["path"])))
-        tok_file = os.path.join(tok_dir, TOKENIZER_FILE)
-        if not os.path.isfile(tok_file):
-            raise DataConfigError(
-                f"tokenizer.path: expected a directory containing {TOKENIZER_FILE}, "
-                f"but {tok_file} does not exist"
-            )
+        tok_file = tokenizer_file(tok_dir)
         tokenizer = {"path": tok_dir, "sha256": _sha256_files([tok_file])}
     else:
         tokenizer = {"path": None, "vocab_size": tok.get("vocab_size", 512)}
@@ -265,7 +260,12 @@ def _prepared_from_manifest(out_dir: str, manifest: dict) -> PreparedData:
 
 
 def _files_present(prepared: PreparedData) -> bool:
-    paths = [os.path.join(prepared.tokenizer_dir, TOKENIZER_FILE)]
+    if not os.path.isdir(prepared.tokenizer_dir):
+        return False
+    try:
+        paths = [tokenizer_file(prepared.tokenizer_dir)]
+    except DataConfigError:
+        return False
     paths += [p + ext for p in prepared.prefixes.values() for ext in (".bin", ".idx")]
     return all(map(os.path.isfile, paths))
 

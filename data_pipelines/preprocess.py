@@ -368,7 +368,7 @@ def preprocess(
 
     fingerprints = [_fingerprint(p, f) for p, f in zip(paths, formats)]
     key_base = {"format_version": FORMAT_VERSION,
-                "tokenizer_json_sha256": tokenizer.unique_identifiers["tokenizer_json_sha256"]}
+                "tokenizer": dict(tokenizer.unique_identifiers)}
     rejected, counts = Counter(), Counter()
     rejects_tmp = f"{output_prefix}.rejects.jsonl.tmp-{os.getpid()}"
 
@@ -490,7 +490,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--input", action="append", required=True,
                         help="input file or saved datasets folder; repeat for several, in order")
     parser.add_argument("--output-prefix", required=True, help="OUT of OUT_00000.bin/.idx, ...")
-    parser.add_argument("--tokenizer", required=True, help=f"directory holding {TOKENIZER_FILE}")
+    parser.add_argument("--tokenizer", required=True,
+                        help=f"directory holding {TOKENIZER_FILE} or a SentencePiece .model")
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shard-docs", type=int, default=DEFAULT_SHARD_DOCS,

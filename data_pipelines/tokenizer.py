@@ -22,6 +22,7 @@ from data_pipelines.errors import DataConfigError
 EOD_TOKEN = special_tokens.EOD
 PAD_TOKEN = special_tokens.PAD
 TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"  # a SentencePiece model, the other format we load
 
 
 class Tokenizer:
@@ -114,12 +115,94 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike)
     return tokenizer
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a local directory holding tokenizer.json (never downloads)."""
-    file = os.path.join(path, TOKENIZER_FILE)
-    if not os.path.isfile(file):
-        raise DataConfigError(
-            f"tokenizer.path: expected a directory containing {TOKENIZER_FILE} (a Hugging Face "
-            f"`tokenizers` file), but {file} does not exist"
-        )
-    return Tokenizer(HFTokenizer.from_file(file))
+def tokenizer_file(path: str | os.PathLike) -> str:
+    """The tokenizer file in a tokenizer directory: tokenizer.json, else a SentencePiece model."""
+    for name in (TOKENIZER_FILE, SENTENCEPIECE_FILE):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            return file
+    models_here = sorted(f for f in os.listdir(path) if f.endswith(".model")) if os.path.isdir(path) else []
+    if len(models_here) == 1:
+        return os.path.join(path, models_here[0])
+    raise DataConfigError(
+        f"tokenizer.path: expected a directory containing {TOKENIZER_FILE} (a Hugging Face "
+        f"`tokenizers` file) or one SentencePiece .model file, but {path} has neither"
+    )
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a local tokenizer directory (never downloads): Hugging Face or SentencePiece."""
+    file = tokenizer_file(path)
+    if file.endswith(".json"):
+        return Tokenizer(HFTokenizer.from_file(file))
+    return SentencePieceTokenizer(file)
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model with the interface of :class:`Tokenizer`.
+
+    Pipeline special tokens the model does not define as pieces get ids after its vocabulary (in the
+    order of :data:`data_pipelines.special_tokens.ALL`); SentencePiece never emits them for text, so
+    raw text cannot produce a special id here either.
+    """
+
+    def __init__(self, model_file: str) -> None:
+        import sentencepiece as spm
+
+        self._file = model_file
+        self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        base = self._sp.get_piece_size()
+        self._special: dict[str, int] = {}
+        for token in special_tokens.ALL:
+            piece = self._sp.piece_to_id(token)
+            defined = piece != self._sp.unk_id() and self._sp.id_to_piece(piece) == token
+            self._special[token] = piece if defined else base + len(
+                [t for t in self._special.values() if t >= base])
+        self._by_id = {i: t for t, i in self._special.items()}
+        with open(model_file, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        self.unique_identifiers = OrderedDict([("class", type(self).__name__), ("model_sha256", sha)])
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self._sp.get_piece_size(), max(self._special.values()) + 1)
+
+    @property
+    def eod(self) -> int:
+        return self._special[EOD_TOKEN]
+
+    @property
+    def pad(self) -> int:
+        return self._special[PAD_TOKEN]
+
+    def special_id(self, token: str) -> int:
+        if token not in self._special:
+            raise KeyError(f"{token!r} is not a pipeline special token: {special_tokens.ALL}")
+        return self._special[token]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        out, run = [], []
+        for i in (int(i) for i in ids):
+            if i in self._by_id:
+                out.append(self._sp.decode(run))
+                out.append(self._by_id[i])
+                run = []
+            else:
+                run.append(i)
+        out.append(self._sp.decode(run))
+        return "".join(out)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Copy the model into `directory` as tokenizer.model; returns its path."""
+        import shutil
+
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, SENTENCEPIECE_FILE)
+        shutil.copyfile(self._file, path)
+        return path

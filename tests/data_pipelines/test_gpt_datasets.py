@@ -24,14 +24,14 @@ def _source_counts(dataset, prepared):
 def test_blend_hits_its_weights(tiny_prepared, tiny_config, tmp_path, mix_name):
     mix = tiny_config["mixes"][mix_name]
     train_ds, valid_ds = build_gpt_datasets(
-        tiny_prepared, mix, SEQ, train_samples=4000, valid_samples=500, seed=1234,
+        tiny_prepared, mix, SEQ, train_samples=10000, valid_samples=500, seed=1234,
         split=tiny_config["split"], cache_dir=tmp_path,
     )
-    for dataset, size in [(train_ds, 4000), (valid_ds, 500)]:
+    for dataset, size, tolerance in [(train_ds, 10000, 0.01), (valid_ds, 500, 0.02)]:
         assert len(dataset) >= size
         counts = _source_counts(dataset, tiny_prepared)
         for source, weight in mix.items():
-            assert counts[source] / len(dataset) == pytest.approx(weight, abs=0.02)
+            assert counts[source] / len(dataset) == pytest.approx(weight, abs=tolerance)
 
 
 def test_samples(tiny_prepared, tiny_config, tmp_path):

@@ -88,3 +88,41 @@ def test_loaded_tokenizer_gains_missing_pipeline_tokens(tmp_path):
     assert tok.eod == 0 and tok.pad == 1
     assert tok.special_id(special_tokens.SELF_REWARD) == len(special_tokens.ALL) - 1
     assert tok.vocab_size == len(special_tokens.ALL)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory):
+    import sentencepiece as spm
+
+    out = tmp_path_factory.mktemp("sp")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_docs(100, seed=3)), model_prefix=str(out / "my"),
+                                   vocab_size=300, model_type="bpe", minloglevel=2)
+    return out
+
+
+def test_sentencepiece_model_loads_with_the_pipeline_tokens(sentencepiece_dir, tmp_path):
+    from data_pipelines import special_tokens
+    from data_pipelines.tokenizer import SentencePieceTokenizer, load_tokenizer
+
+    tok = load_tokenizer(sentencepiece_dir)  # the folder holds my.model
+    assert isinstance(tok, SentencePieceTokenizer)
+    ids = [tok.special_id(t) for t in special_tokens.ALL]
+    assert ids == list(range(300, 300 + len(special_tokens.ALL)))  # appended after its 300 pieces
+    assert tok.vocab_size == 300 + len(special_tokens.ALL)
+    text = "Q: 12 + 7 = ? A: 19."
+    assert tok.detokenize(tok.tokenize(text)) == text
+    assert not set(tok.tokenize(f"literal {special_tokens.SELF_REWARD}")) & set(ids)
+    assert tok.detokenize(tok.tokenize("a") + [tok.eod]) == "a" + special_tokens.EOD
+    tok.save(tmp_path / "copy")
+    assert load_tokenizer(tmp_path / "copy").unique_identifiers == tok.unique_identifiers
+
+
+def test_prepare_with_a_sentencepiece_tokenizer(sentencepiece_dir, tmp_path):
+    from data_pipelines.prepare import prepare_data
+    from data_pipelines.tokenizer import load_tokenizer
+
+    cfg = {"tokenizer": {"path": str(sentencepiece_dir)},
+           "sources": {"prose": {"generator": "prose", "num_docs": 50}}}
+    prepared = prepare_data(cfg, tmp_path / "out", seed=0)
+    assert prepared.stats["sources"]["prose"]["documents"] == 50
+    assert load_tokenizer(prepared.tokenizer_dir).vocab_size == 309
