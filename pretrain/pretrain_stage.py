@@ -97,5 +97,7 @@ def run(ctx: StageContext) -> StageResult:
         tokens_seen=trainer.state.tokens_seen,
         final_metrics=final,
         data_fingerprint=data_fingerprint(prepared, mix),
-        extra={"data_mix": dict(mix), "data_stats": prepared.stats, "expert_lr_scale": lr_scale},
+        extra={"data_mix": dict(mix),
+               "data_inputs": {source: prepared.fingerprints[source] for source in mix if mix[source] > 0},
+               "data_stats": prepared.stats, "expert_lr_scale": lr_scale},
     )

@@ -65,6 +65,9 @@ def test_each_stage_leaves_manifest_and_checkpoint(finished_run):
     assert ann["parent_checkpoint"] == str(finished_run / "01_pretrain" / pre["checkpoint"])
     # annealing draws a different mix, so its data fingerprint differs
     assert ann["data_fingerprint"] != pre["data_fingerprint"]
+    assert pre["data_mix"] == {"prose": 0.6, "arithmetic": 0.2, "code": 0.2}
+    assert set(pre["data_inputs"]) == {"prose", "arithmetic", "code"}
+    assert all(len(sha) == 64 for sha in pre["data_inputs"].values())
 
 
 def test_long_context_stage_trains_longer_sequences_from_the_annealed_weights(finished_run):
