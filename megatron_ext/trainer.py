@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,7 +30,6 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     resumed_from_step: int | None = None
-    history: list[dict] = field(default_factory=list)
 
 
 class StepBatches:

@@ -8,7 +8,6 @@ floor, starting from the previous stage's weights).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from megatron.core import parallel_state
 

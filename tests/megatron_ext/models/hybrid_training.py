@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_ext import checkpointing, cpu_backend, distributed
+from megatron_ext import checkpointing, distributed
 from megatron_ext.models import mamba_torch
 from megatron_ext.quiet import quiet_known_warnings
 
