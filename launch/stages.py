@@ -6,4 +6,5 @@ launcher can validate a config without importing torch or megatron-core.
 
 STAGE_KINDS = {
     "pretrain": "pretrain.pretrain_stage",
+    "sft": "posttrain.sft_stage",
 }

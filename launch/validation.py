@@ -168,6 +168,31 @@ def validate_data(data: Mapping) -> None:
             raise ConfigError(f"data.sources.{name}: give either path (a local file) or generator")
 
 
+def validate_sft_tasks(tasks: Mapping | None, prefix: str) -> None:
+    """The ``tasks:`` section an SFT stage builds its data from (data_pipelines.verifiable_tasks)."""
+    from data_pipelines.chat_format import THINKING_TOKENS
+    from data_pipelines.verifiable_tasks import DIFFICULTIES, KINDS
+
+    if not tasks:
+        raise ConfigError(f"{prefix} is missing: an sft stage needs kinds, num_tasks, difficulties, "
+                          f"held_out_fraction and thinking (see launch/conf/stage/sft.yaml)")
+    kinds = list(tasks.get("kinds") or [])
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        raise ConfigError(f"{prefix}.kinds={kinds!r}: choose a non-empty list from {sorted(KINDS)}")
+    _positive_int(tasks.get("num_tasks"), f"{prefix}.num_tasks")
+    levels = list(tasks.get("difficulties") or [])
+    if not levels or any(d not in DIFFICULTIES for d in levels):
+        raise ConfigError(f"{prefix}.difficulties={levels!r}: choose a non-empty subset of {list(DIFFICULTIES)}")
+    fraction = tasks.get("held_out_fraction")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"{prefix}.held_out_fraction={fraction!r}: must be in (0, 1) (the held-out "
+                          f"conversations give the evaluation loss)")
+    thinking = tasks.get("thinking")
+    if thinking is not None and thinking not in THINKING_TOKENS:
+        raise ConfigError(f"{prefix}.thinking={thinking!r}: choose null or one of {sorted(THINKING_TOKENS)}")
+
+
 def validate(cfg: Mapping) -> dict[str, int]:
     """Raise :class:`ConfigError` on the first problem; return the derived parallel sizes."""
     sizes = validate_parallel(cfg["model"], cfg["parallel"])
@@ -192,8 +217,10 @@ def validate(cfg: Mapping) -> dict[str, int]:
         kind = st.get("kind")
         if kind not in STAGE_KINDS:
             raise ConfigError(f"stages.{name}.kind={kind!r} is not a known stage; choose one of {sorted(STAGE_KINDS)}")
-        if st.get("mix") not in mixes:
+        if kind == "pretrain" and st.get("mix") not in mixes:
             raise ConfigError(f"stages.{name}.mix={st.get('mix')!r} is not one of data.mixes {sorted(mixes)}")
+        if kind == "sft":
+            validate_sft_tasks(st.get("tasks"), f"stages.{name}.tasks")
         init_from = st.get("init_from")
         if init_from and not os.path.isdir(init_from):
             raise ConfigError(

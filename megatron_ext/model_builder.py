@@ -24,6 +24,25 @@ FAMILIES = {"hunyuan_moe": hunyuan_moe, "turbos_hybrid": turbos_hybrid}
 MODEL_LEVEL_KEYS = {"family", "seq_length", "rotary_base", "vocab_size", "activation",
                     *hunyuan_moe.MODEL_KEYS, *turbos_hybrid.MODEL_KEYS}
 
+VOCAB_PAD_MULTIPLE = 128  # as Megatron-LM's make_vocab_size_divisible_by, times TP below
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    multiple = VOCAB_PAD_MULTIPLE * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def model_vocab_size(model_cfg, tokenizer) -> int:
+    """The preset's vocab_size (room for tokens a later stage adds) or else the tokenizer's."""
+    wanted = model_cfg.get("vocab_size") or tokenizer.vocab_size
+    if tokenizer.vocab_size > wanted:
+        raise ConfigError(
+            f"model.vocab_size={wanted} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "
+            f"raise model.vocab_size or use a smaller tokenizer (data.tokenizer)"
+        )
+    return wanted
+
+
 class ModelConfigError(ConfigError):
     """A model preset names a field megatron-core does not know, or an unsupported value."""
 

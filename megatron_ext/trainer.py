@@ -62,7 +62,7 @@ class StepBatches:
         return out
 
 
-def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     mask = loss_mask.float()
     total = (per_token_loss.float() * mask).sum()
     count = mask.sum().clamp(min=1)
@@ -74,7 +74,7 @@ def lm_forward_step(batch_iter, model):
     """megatron-core forward step for causal LM batches from :class:`StepBatches`."""
     batch = next(batch_iter)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, lambda out: _masked_mean_loss(batch["loss_mask"], out)
+    return output, lambda out: masked_mean_loss(batch["loss_mask"], out)
 
 
 def moe_aux_losses(num_microbatches: int, num_layers: int) -> dict[str, list[float]]:

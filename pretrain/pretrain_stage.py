@@ -16,29 +16,10 @@ from data_pipelines.prepare import data_fingerprint, prepare_data
 from data_pipelines.tokenizer import load_tokenizer
 from megatron_ext import model_builder, optim
 from megatron_ext.checkpointing import latest_checkpoint
-from megatron_ext.errors import ConfigError
 from megatron_ext.expert_lr import expert_lr_scale
 from megatron_ext.metrics import MetricsWriter
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.trainer import StepBatches, Trainer
-
-VOCAB_PAD_MULTIPLE = 128  # as Megatron-LM's make_vocab_size_divisible_by, times TP below
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    multiple = VOCAB_PAD_MULTIPLE * tp
-    return -(-vocab_size // multiple) * multiple
-
-
-def model_vocab_size(model_cfg, tokenizer) -> int:
-    """The preset's vocab_size (room for tokens a later stage adds) or else the tokenizer's."""
-    wanted = model_cfg.get("vocab_size") or tokenizer.vocab_size
-    if tokenizer.vocab_size > wanted:
-        raise ConfigError(
-            f"model.vocab_size={wanted} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "
-            f"raise model.vocab_size or use a smaller tokenizer (data.tokenizer)"
-        )
-    return wanted
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -60,7 +41,7 @@ def run(ctx: StageContext) -> StageResult:
     )
 
     config = model_builder.transformer_config(model_cfg, cfg.parallel)
-    vocab = padded_vocab_size(model_vocab_size(model_cfg, tokenizer), env.tp)
+    vocab = model_builder.padded_vocab_size(model_builder.model_vocab_size(model_cfg, tokenizer), env.tp)
     chunks = model_builder.build_model(model_cfg, config, vocab)
     use_dist_opt = bool(cfg.parallel.use_distributed_optimizer)
     ddp_chunks = optim.wrap_ddp(chunks, config, use_dist_opt)

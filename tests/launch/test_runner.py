@@ -27,6 +27,8 @@ SMALL = [
     "stages.long_context.train.steps=4", "stages.long_context.train.warmup_steps=1",
     "stages.long_context.train.save_interval=4", "stages.long_context.train.eval_interval=4",
     "stages.long_context.train.eval_iters=1",
+    "stages.sft.tasks.num_tasks=400", "stages.sft.train.steps=8", "stages.sft.train.warmup_steps=1",
+    "stages.sft.train.save_interval=8", "stages.sft.train.eval_interval=8", "stages.sft.train.eval_iters=1",
 ]
 
 
@@ -76,6 +78,25 @@ def test_long_context_stage_trains_longer_sequences_from_the_annealed_weights(fi
     assert long["parent_checkpoint"] == str(finished_run / "02_anneal" / ann["checkpoint"])
     assert long["tokens_seen"] == 4 * 8 * 256  # steps x global batch x the stage's sequence length
     assert long["config"]["stages"]["long_context"]["model_overrides"]["rotary_base"] == 22082
+
+
+def test_sft_stage_trains_packed_task_conversations_from_the_long_context_weights(finished_run):
+    long, sft = manifest(finished_run, "03_long_context"), manifest(finished_run, "04_sft")
+    assert sft["status"] == "complete" and sft["steps"] == 8
+    assert sft["parent_checkpoint"] == str(finished_run / "03_long_context" / long["checkpoint"])
+    assert sft["tokens_seen"] == 8 * 8 * 256  # steps x global batch x the stage's sequence length
+    assert (finished_run / "04_sft" / sft["checkpoint"] / "metadata.json").exists()
+    assert len(sft["data_fingerprint"]) == 64
+    # held-out conversations: the loss falls from where the long-context weights start
+    metrics = sft["final_metrics"]
+    assert metrics["valid_loss"] < metrics["initial_valid_loss"]
+    data = sft["sft_data"]
+    train, held_out = data["train"], data["held_out"]
+    assert train["examples"] + held_out["examples"] == 400 and held_out["examples"] > 0
+    for part in (train, held_out):
+        assert 0 < part["packed_sequences"] < part["examples"]  # several conversations per row
+        assert 0 < part["trained_tokens"] < part["tokens"]  # the user's prompts are not trained on
+    assert sft["config"]["stages"]["sft"]["model_overrides"]["hidden_dropout"] == 0.0
 
 
 def test_pretraining_loss_falls_and_anneal_starts_from_it(finished_run):

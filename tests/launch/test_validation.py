@@ -50,7 +50,16 @@ def test_expert_parallel_needs_data_parallel_room():
 
 
 def test_unknown_stage_in_order():
-    check(["pipeline.order=[pretrain,sft]"], "unknown stage 'sft'")
+    check(["pipeline.order=[pretrain,distill]"], "unknown stage 'distill'")
+
+
+def test_sft_stage_needs_no_data_mix_but_a_valid_tasks_section():
+    cfg = load_config([])
+    assert "mix" not in cfg.stages.sft and cfg.pipeline.order[-1] == "sft"
+    validate(cfg)
+    check(["stages.sft.tasks.kinds=[riddles]"], "stages.sft.tasks.kinds=['riddles']", "arithmetic")
+    check(["stages.sft.tasks.held_out_fraction=0.0"], "stages.sft.tasks.held_out_fraction=0.0")
+    check(["stages.sft.tasks.thinking=medium"], "stages.sft.tasks.thinking='medium'", "short")
 
 
 def test_unknown_stage_kind():

@@ -1,0 +1,207 @@
+"""Supervised fine-tuning stage (Hunyuan-TurboS post-training, SFT).
+
+Data: the synthetic verifiable tasks (``data_pipelines.verifiable_tasks``), each one conversation
+``[user: prompt, assistant: worked solution]`` in the chat layout of ``data_pipelines.chat_format``
+(loss on the assistant's tokens and its end of turn only), packed into rows of the stage's
+``seq_length`` by ``data_pipelines.packing``. A hash split of the task ids gives the held-out
+conversations the evaluation loss is measured on.
+
+Packing is only correct if documents never see each other: :func:`sft_forward_step` gives
+megatron-core's local attention the block-diagonal causal mask of each row (``attention_mask``
+``[b, 1, s, s]``, True = masked). Positions restart per document (``position_ids`` from packing); RoPE
+scores depend only on relative positions, so with the mask a document is scored exactly as if alone.
+Mamba layers (``turbos_hybrid``) take no mask: their state still flows across the documents of a row.
+The dense mask suits the local (CPU) attention of the demo; at 32K tokens a row it is 1 GiB, and the
+GPU path should instead hand ``packing.packed_seq_params`` (THD) to a varlen attention kernel.
+
+Starts from the previous stage's weights (``Trainer.restore``); Hunyuan's SFT dropout is a
+``model_overrides`` setting of the stage preset (``stage/sft.yaml``, ``stage/sft_turbos.yaml``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from data_pipelines.chat_format import format_chat
+from data_pipelines.packing import IGNORE_LABEL, PackedSequence, PackingStats, attention_mask, pack_examples
+from data_pipelines.prepare import prepare_data
+from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks
+from megatron_ext import model_builder, optim
+from megatron_ext.checkpointing import latest_checkpoint
+from megatron_ext.expert_lr import expert_lr_scale
+from megatron_ext.metrics import MetricsWriter
+from megatron_ext.stage import StageContext, StageResult
+from megatron_ext.trainer import StepBatches, Trainer, masked_mean_loss
+
+
+def task_conversation(task: Task) -> list[dict[str, str]]:
+    return [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.solution}]
+
+
+def sft_examples(tasks: Sequence[Task], tokenizer, thinking: str | None) -> list[tuple[list[int], list[int]]]:
+    """``(ids, loss_mask)`` per task, loss on the assistant turn only (``chat_format.format_chat``)."""
+    return [format_chat(task_conversation(t), tokenizer, thinking=thinking) for t in tasks]
+
+
+class PackedSFTDataset:
+    """Map-style dataset of packed rows for :class:`StepBatches`.
+
+    ``cu_seqlens`` is padded to ``max_segments + 1`` entries by repeating ``seq_length`` (empty
+    trailing segments), so rows stack into one tensor; the dense ``[s, s]`` mask is built per
+    micro-batch in :func:`sft_forward_step` rather than stored (it is ``s**2`` per row).
+    """
+
+    def __init__(self, rows: Sequence[PackedSequence], seq_length: int, max_segments: int):
+        assert rows, "no packed rows"
+        self.rows = list(rows)
+        self.seq_length = seq_length
+        self.max_segments = max_segments
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.rows[index]
+        cu = row.cu_seqlens.to(torch.int64)
+        pad = self.max_segments + 1 - len(cu)
+        assert pad >= 0, (len(cu), self.max_segments)
+        return {
+            "tokens": row.tokens,
+            "labels": row.labels,
+            "loss_mask": row.loss_mask,
+            "position_ids": row.position_ids,
+            "cu_seqlens": torch.cat([cu, torch.full((pad,), self.seq_length, dtype=torch.int64)]),
+        }
+
+
+def sft_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model and loss receive for a packed micro-batch.
+
+    ``attention_mask``: each row's block-diagonal causal mask, ``[b, 1, s, s]``, True = masked.
+    ``labels``: megatron's cross entropy needs valid ids, so ``IGNORE_LABEL`` positions (a
+    document's last token, padding) get id 0 and ``loss_mask`` 0 there.
+    """
+    tokens = batch["tokens"]
+    seq = tokens.size(1)
+    mask = torch.stack([attention_mask(cu, seq) for cu in batch["cu_seqlens"]]).to(tokens.device)
+    labels = batch["labels"]
+    has_target = labels != IGNORE_LABEL
+    return {
+        "tokens": tokens,
+        "position_ids": batch["position_ids"],
+        "attention_mask": mask,
+        "labels": torch.where(has_target, labels, torch.zeros_like(labels)),
+        "loss_mask": batch["loss_mask"].float() * has_target.float(),
+    }
+
+
+def sft_forward_step(batch_iter, model):
+    """megatron-core forward step for packed SFT batches (the Trainer's ``forward_step``)."""
+    inputs = sft_inputs(next(batch_iter))
+    output = model(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"], labels=inputs["labels"])
+    return output, lambda out: masked_mean_loss(inputs["loss_mask"], out)
+
+
+def _pack(examples, seq_length: int, pad_id: int, packing_cfg) -> tuple[list[PackedSequence], PackingStats]:
+    return pack_examples(examples, seq_length, pad_id,
+                         overflow=packing_cfg.get("overflow", "truncate"),
+                         strategy=packing_cfg.get("strategy", "first_fit"))
+
+
+def _rows_fingerprint(rows: Sequence[PackedSequence]) -> str:
+    """sha256 of exactly what the stage trains on: every row's tokens, labels and loss mask."""
+    h = hashlib.sha256()
+    for row in rows:
+        for t in (row.tokens, row.labels, row.loss_mask, row.cu_seqlens):
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_sizes(examples, rows: Sequence[PackedSequence], stats: PackingStats) -> dict[str, Any]:
+    return {
+        "examples": len(examples),
+        "packed_sequences": len(rows),
+        "tokens": sum(len(ids) for ids, _ in examples),
+        "trained_tokens": int(sum(float(row.loss_mask.sum()) for row in rows)),
+        "padding_tokens": stats.num_padding_tokens,
+        "truncated_examples": stats.num_truncated,
+        "dropped_examples": stats.num_dropped,
+    }
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, st, env, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.env, ctx.model_cfg
+    train, tasks_cfg = st.train, st.tasks
+    seq_length = int(model_cfg.seq_length)
+    prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+
+    tasks = generate_tasks(list(tasks_cfg.kinds), int(tasks_cfg.num_tasks), int(cfg.seed),
+                           difficulties=list(tasks_cfg.difficulties))
+    train_tasks, held_out_tasks = split_tasks(tasks, float(tasks_cfg.held_out_fraction), int(cfg.seed))
+    thinking = tasks_cfg.get("thinking")
+    packing_cfg = st.get("packing") or {}
+    train_examples = sft_examples(train_tasks, tokenizer, thinking)
+    valid_examples = sft_examples(held_out_tasks, tokenizer, thinking)
+    train_rows, train_stats = _pack(train_examples, seq_length, tokenizer.pad, packing_cfg)
+    valid_rows, valid_stats = _pack(valid_examples, seq_length, tokenizer.pad, packing_cfg)
+    max_segments = max(len(r.cu_seqlens) - 1 for r in train_rows + valid_rows)
+    train_ds = PackedSFTDataset(train_rows, seq_length, max_segments)
+    valid_ds = PackedSFTDataset(valid_rows, seq_length, max_segments) if valid_rows else None
+
+    gbs, mbs = int(train.global_batch_size), int(train.micro_batch_size)
+    config = model_builder.transformer_config(model_cfg, cfg.parallel)
+    vocab = model_builder.padded_vocab_size(model_builder.model_vocab_size(model_cfg, tokenizer), env.tp)
+    chunks = model_builder.build_model(model_cfg, config, vocab)
+    use_dist_opt = bool(cfg.parallel.use_distributed_optimizer)
+    ddp_chunks = optim.wrap_ddp(chunks, config, use_dist_opt)
+    lr_scale = expert_lr_scale(train.get("expert_lr"), model_cfg, gbs * seq_length,
+                               field=f"stages.{ctx.name}.train.expert_lr")
+    optimizer, scheduler = optim.build_optimizer(train, ddp_chunks, bf16=config.bf16,
+                                                 use_distributed_optimizer=use_dist_opt,
+                                                 expert_lr_scale=lr_scale)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    trainer = Trainer(
+        ddp_chunks, optimizer, scheduler, train,
+        train_batches=StepBatches(train_ds, mbs, gbs, dp_rank, env.dp),
+        valid_batches=StepBatches(valid_ds, mbs, gbs, dp_rank, env.dp) if valid_ds is not None else None,
+        checkpoint_root=ctx.stage_dir / "checkpoints",
+        metrics=MetricsWriter(ctx.stage_dir / "metrics", enabled=env.is_main),
+        seq_length=seq_length,
+        forward_step=sft_forward_step,
+        on_checkpoint=lambda state, path: ctx.on_checkpoint(state.step, state.tokens_seen),
+    )
+    trainer.restore(ctx.parent_checkpoint)
+    if trainer.state.resumed_from_step is None:  # a resumed attempt recorded this already
+        ctx.record_metrics({"initial_valid_loss": trainer.evaluate()})
+    t0 = time.perf_counter()
+    last = trainer.fit()
+    final = {
+        "train_loss": last.get("loss"),
+        "valid_loss": last["valid_loss"] if last else trainer.evaluate(),
+        "train_time_s": round(time.perf_counter() - t0, 3),
+    }
+    trainer.metrics.close()
+    train_sizes = _data_sizes(train_examples, train_rows, train_stats)
+    return StageResult(
+        checkpoint=latest_checkpoint(ctx.stage_dir / "checkpoints"),
+        steps=trainer.state.step,
+        tokens_seen=trainer.state.tokens_seen,
+        final_metrics=final,
+        data_fingerprint=_rows_fingerprint(train_rows + valid_rows),
+        extra={
+            "sft_data": {
+                "train": train_sizes,
+                "held_out": _data_sizes(valid_examples, valid_rows, valid_stats),
+                "epochs": round(trainer.state.step * gbs / len(train_rows), 3),
+                "thinking": thinking,
+            },
+            "expert_lr_scale": lr_scale,
+        },
+    )
