@@ -1,1 +1,1 @@
-"""Post-training stages (SFT, CoT fusion, deliberation, RL); none are implemented yet."""
+"""Post-training stages: SFT (``sft_stage``); CoT fusion, deliberation and RL are not implemented yet."""
