@@ -21,23 +21,18 @@ Starts from the previous stage's weights (``Trainer.restore``); Hunyuan's SFT dr
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any, Sequence
 
 import torch
-from megatron.core import parallel_state
 
 from data_pipelines.chat_format import format_chat
 from data_pipelines.packing import IGNORE_LABEL, PackedSequence, PackingStats, attention_mask, pack_examples
 from data_pipelines.prepare import prepare_data
 from data_pipelines.tokenizer import load_tokenizer
 from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks
-from megatron_ext import model_builder, optim
-from megatron_ext.checkpointing import latest_checkpoint
-from megatron_ext.expert_lr import expert_lr_scale
-from megatron_ext.metrics import MetricsWriter
 from megatron_ext.stage import StageContext, StageResult
-from megatron_ext.trainer import StepBatches, Trainer, masked_mean_loss
+from megatron_ext.stage_training import train_stage
+from megatron_ext.trainer import masked_mean_loss
 
 
 def task_conversation(task: Task) -> list[dict[str, str]]:
@@ -136,7 +131,7 @@ def _data_sizes(examples, rows: Sequence[PackedSequence], stats: PackingStats) -
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, st, env, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.env, ctx.model_cfg
+    cfg, st, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.model_cfg
     train, tasks_cfg = st.train, st.tasks
     seq_length = int(model_cfg.seq_length)
     prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
@@ -155,45 +150,15 @@ def run(ctx: StageContext) -> StageResult:
     train_ds = PackedSFTDataset(train_rows, seq_length, max_segments)
     valid_ds = PackedSFTDataset(valid_rows, seq_length, max_segments) if valid_rows else None
 
-    gbs, mbs = int(train.global_batch_size), int(train.micro_batch_size)
-    config = model_builder.transformer_config(model_cfg, cfg.parallel)
-    vocab = model_builder.padded_vocab_size(model_builder.model_vocab_size(model_cfg, tokenizer), env.tp)
-    chunks = model_builder.build_model(model_cfg, config, vocab)
-    use_dist_opt = bool(cfg.parallel.use_distributed_optimizer)
-    ddp_chunks = optim.wrap_ddp(chunks, config, use_dist_opt)
-    lr_scale = expert_lr_scale(train.get("expert_lr"), model_cfg, gbs * seq_length,
-                               field=f"stages.{ctx.name}.train.expert_lr")
-    optimizer, scheduler = optim.build_optimizer(train, ddp_chunks, bf16=config.bf16,
-                                                 use_distributed_optimizer=use_dist_opt,
-                                                 expert_lr_scale=lr_scale)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    trainer = Trainer(
-        ddp_chunks, optimizer, scheduler, train,
-        train_batches=StepBatches(train_ds, mbs, gbs, dp_rank, env.dp),
-        valid_batches=StepBatches(valid_ds, mbs, gbs, dp_rank, env.dp) if valid_ds is not None else None,
-        checkpoint_root=ctx.stage_dir / "checkpoints",
-        metrics=MetricsWriter(ctx.stage_dir / "metrics", enabled=env.is_main),
-        seq_length=seq_length,
-        forward_step=sft_forward_step,
-        on_checkpoint=lambda state, path: ctx.on_checkpoint(state.step, state.tokens_seen),
-    )
-    trainer.restore(ctx.parent_checkpoint)
-    if trainer.state.resumed_from_step is None:  # a resumed attempt recorded this already
-        ctx.record_metrics({"initial_valid_loss": trainer.evaluate()})
-    t0 = time.perf_counter()
-    last = trainer.fit()
-    final = {
-        "train_loss": last.get("loss"),
-        "valid_loss": last["valid_loss"] if last else trainer.evaluate(),
-        "train_time_s": round(time.perf_counter() - t0, 3),
-    }
-    trainer.metrics.close()
+    gbs = int(train.global_batch_size)
+    outcome = train_stage(ctx, tokenizer, train_ds, valid_ds, forward_step=sft_forward_step)
+    trainer = outcome.trainer
     train_sizes = _data_sizes(train_examples, train_rows, train_stats)
     return StageResult(
-        checkpoint=latest_checkpoint(ctx.stage_dir / "checkpoints"),
+        checkpoint=outcome.checkpoint,
         steps=trainer.state.step,
         tokens_seen=trainer.state.tokens_seen,
-        final_metrics=final,
+        final_metrics=outcome.final_metrics,
         data_fingerprint=_rows_fingerprint(train_rows + valid_rows),
         extra={
             "sft_data": {
@@ -202,6 +167,6 @@ def run(ctx: StageContext) -> StageResult:
                 "epochs": round(trainer.state.step * gbs / len(train_rows), 3),
                 "thinking": thinking,
             },
-            "expert_lr_scale": lr_scale,
+            "expert_lr_scale": outcome.expert_lr_scale,
         },
     )
