@@ -19,6 +19,7 @@ mode; the mode itself travels in the layer spec (:func:`moe_module_spec`), becau
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -278,3 +279,31 @@ def routing_stats(model: torch.nn.Module) -> dict[int, RoutingStats]:
         for module in model.modules()
         if isinstance(module, RecycleRouter) and module.last_stats is not None
     }
+
+
+@contextlib.contextmanager
+def dropless_routing(modules):
+    """Route without capacity inside the block (every :class:`RecycleRouter` of ``modules``), whatever
+    the trained mode; restored on exit.
+
+    For generation: capacity trades tokens for throughput in training, and with it a token's routing
+    would depend on which other sequences share its batch (and differ between a cached decode step and
+    a full recompute). ``drop`` mode drops inside megatron-core's ``TopKRouter.routing`` from the
+    router's config, so the router gets a config copy without the capacity factor for the duration.
+    """
+    if isinstance(modules, torch.nn.Module):
+        modules = [modules]
+    saved = []
+    for module in modules:
+        for router in module.modules():
+            if isinstance(router, RecycleRouter):
+                saved.append((router, router.routing_mode, router.config))
+                if router.config.moe_expert_capacity_factor is not None:
+                    router.config = copy.copy(router.config)
+                    router.config.moe_expert_capacity_factor = None
+                router.routing_mode = "dropless"
+    try:
+        yield
+    finally:
+        for router, mode, config in saved:
+            router.routing_mode, router.config = mode, config
