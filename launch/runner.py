@@ -24,6 +24,7 @@ from megatron_ext import manifest
 from megatron_ext.errors import ConfigError
 from megatron_ext.fault_tolerance import PREEMPTION_SIGNALS
 from megatron_ext.quiet import quiet_known_warnings
+from megatron_ext.stage import stage_dir
 
 
 class StageFailed(RuntimeError):
@@ -39,10 +40,6 @@ class StagePreempted(RuntimeError):
     def __init__(self, stage: str, detail: str):
         super().__init__(f"stage {stage!r}: {detail}. Re-run the same command (or requeue) to resume.")
         self.stage = stage
-
-
-def stage_dir(run_dir: Path, index: int, name: str) -> Path:
-    return Path(run_dir) / f"{index + 1:02d}_{name}"
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -181,17 +178,31 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
         _log(f"{sdir.name}: complete in {done['wall_time_s']:.1f}s ({metrics})")
         manifests.append(done)
         parent = str(sdir / done["checkpoint"])
-    _log("summary:\n" + summary_table(manifests))
+    table = summary_table(manifests)
+    (run_dir / "summary.txt").write_text(table + "\n")
+    _log(f"summary (also in {run_dir / 'summary.txt'}):\n" + table)
     return manifests
 
 
+def _accuracy(value: Any) -> str | None:
+    """A stage's task accuracy for the table: one number, or one per thinking mode."""
+    if not isinstance(value, dict):
+        return None
+    if "accuracy" in value:
+        return f"{value['accuracy']:.3f}"
+    return " / ".join(f"{mode} {v['accuracy']:.3f}" for mode, v in value.items() if isinstance(v, dict))
+
+
 def summary_table(manifests: list[dict]) -> str:
-    """One line per stage: steps, tokens, validation loss before -> after, wall time."""
-    rows = [("stage", "steps", "tokens", "valid loss", "wall time")]
+    """One line per stage: steps, tokens, validation loss and verifiable-task accuracy before -> after
+    (post-training stages; before = the parent's, e.g. the pretrained model's for SFT), wall time."""
+    rows = [("stage", "steps", "tokens", "valid loss", "task accuracy", "wall time")]
     for m in manifests:
         fm = m["final_metrics"]
         before, after = fm.get("initial_valid_loss"), fm.get("valid_loss")
         loss = f"{before:.4f} -> {after:.4f}" if before is not None and after is not None else "-"
-        rows.append((m["stage"], str(m["steps"]), f"{m['tokens_seen']:,}", loss, f"{m['wall_time_s']:.1f}s"))
+        acc_before, acc_after = _accuracy(fm.get("initial_task_accuracy")), _accuracy(fm.get("task_accuracy"))
+        acc = f"{acc_before} -> {acc_after}" if acc_before and acc_after else "-"
+        rows.append((m["stage"], str(m["steps"]), f"{m['tokens_seen']:,}", loss, acc, f"{m['wall_time_s']:.1f}s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -7,4 +7,6 @@ launcher can validate a config without importing torch or megatron-core.
 STAGE_KINDS = {
     "pretrain": "pretrain.pretrain_stage",
     "sft": "posttrain.sft_stage",
+    "cot_fusion": "posttrain.cot_fusion_stage",
+    "deliberation": "posttrain.deliberation_stage",
 }

@@ -193,6 +193,52 @@ def validate_sft_tasks(tasks: Mapping | None, prefix: str) -> None:
         raise ConfigError(f"{prefix}.thinking={thinking!r}: choose null or one of {sorted(THINKING_TOKENS)}")
 
 
+def _fraction(value: Any, field: str, low_open: bool = True) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (0 < value if low_open else 0 <= value) \
+        and value <= 1
+    if not ok:
+        raise ConfigError(f"{field}={value!r}: must be in {'(0' if low_open else '[0'}, 1]")
+    return float(value)
+
+
+def validate_sampling_stage(name: str, st: Mapping, order: list[str]) -> None:
+    """The stages that sample from their parent (cot_fusion, deliberation): prompts, sampling, refs."""
+    prefix = f"stages.{name}"
+    if order.index(name) == 0 and not st.get("init_from"):
+        raise ConfigError(f"{prefix}: a {st['kind']} stage samples from a trained model; put a stage "
+                          f"before it in pipeline.order or set {prefix}.init_from to a checkpoint")
+    prompts = st.get("prompts") or {}
+    validate_sft_tasks({**prompts, "held_out_fraction": 0.5, "thinking": None}, f"{prefix}.prompts")
+    sampling = st.get("sampling") or {}
+    temperature = sampling.get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ConfigError(f"{prefix}.sampling.temperature={temperature!r}: must be >= 0 (0 is greedy)")
+    _fraction(sampling.get("top_p", 1.0), f"{prefix}.sampling.top_p")
+    _positive_int(sampling.get("max_new_tokens"), f"{prefix}.sampling.max_new_tokens")
+    _positive_int(sampling.get("batch_size"), f"{prefix}.sampling.batch_size")
+    if st["kind"] == "cot_fusion":
+        fusion = st.get("fusion") or {}
+        _positive_int(fusion.get("k_short"), f"{prefix}.fusion.k_short")
+        _positive_int(fusion.get("max_long_attempts"), f"{prefix}.fusion.max_long_attempts")
+        _fraction(fusion.get("easy_threshold"), f"{prefix}.fusion.easy_threshold")
+        if fusion.get("hard_fallback") not in ("drop", "short"):
+            raise ConfigError(f"{prefix}.fusion.hard_fallback={fusion.get('hard_fallback')!r}: choose drop or short")
+        long_model = fusion.get("long_model")
+        if long_model and not os.path.isdir(long_model):
+            raise ConfigError(f"{prefix}.fusion.long_model={long_model!r}: checkpoint folder not found")
+    if st["kind"] == "deliberation":
+        refs = list(st.get("references") or [])
+        if not refs:
+            raise ConfigError(f"{prefix}.references is empty: name earlier stages or checkpoint folders to battle")
+        earlier = order[:order.index(name)]
+        for ref in refs:
+            if ref not in earlier and not os.path.isdir(ref):
+                raise ConfigError(f"{prefix}.references: {ref!r} is neither an earlier stage of pipeline.order "
+                                  f"{earlier} nor a checkpoint folder")
+        _positive_int(st.get("budget"), f"{prefix}.budget")
+        _fraction(st.get("weak_share"), f"{prefix}.weak_share", low_open=False)
+
+
 def validate(cfg: Mapping) -> dict[str, int]:
     """Raise :class:`ConfigError` on the first problem; return the derived parallel sizes."""
     sizes = validate_parallel(cfg["model"], cfg["parallel"])
@@ -221,6 +267,8 @@ def validate(cfg: Mapping) -> dict[str, int]:
             raise ConfigError(f"stages.{name}.mix={st.get('mix')!r} is not one of data.mixes {sorted(mixes)}")
         if kind == "sft":
             validate_sft_tasks(st.get("tasks"), f"stages.{name}.tasks")
+        if kind in ("cot_fusion", "deliberation"):
+            validate_sampling_stage(name, st, order)
         init_from = st.get("init_from")
         if init_from and not os.path.isdir(init_from):
             raise ConfigError(

@@ -1,6 +1,6 @@
 """The contract between the pipeline runner and a stage.
 
-A stage module (``pretrain.pretrain_stage``, later the post-training stages) exposes
+A stage module (``pretrain.pretrain_stage``, ``posttrain.sft_stage``, ...) exposes
 ``run(ctx: StageContext) -> StageResult``. It is called on every rank of the stage's torchrun job
 after the process groups exist; rank 0 records the result in the manifest.
 """
@@ -45,6 +45,11 @@ def ntk_rope_base(base: float, context_scale: float, head_dim: int) -> float:
     return base * context_scale ** (head_dim / (head_dim - 2))
 
 
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    """``<run_dir>/<NN>_<name>``: stage folders sort in pipeline order."""
+    return Path(run_dir) / f"{index + 1:02d}_{name}"
+
+
 @dataclass
 class StageContext:
     name: str
@@ -69,6 +74,28 @@ class StageContext:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
+
+    def checkpoint_of(self, ref: str, field: str) -> Path:
+        """The final checkpoint of an earlier stage of this pipeline (``ref`` is its name), or ``ref``
+        itself when it is a path; ``field`` names the config entry in errors."""
+        from megatron_ext import manifest
+
+        order = list(self.cfg.pipeline.order)
+        if ref not in order:
+            path = Path(ref)
+            if not (path / "metadata.json").exists():
+                raise ConfigError(f"{field}={ref!r}: neither a stage of pipeline.order {order} nor a "
+                                  f"checkpoint folder (no metadata.json there)")
+            return path
+        index = order.index(ref)
+        if index >= order.index(self.name):
+            raise ConfigError(f"{field}={ref!r}: that stage runs after {self.name!r}; name an earlier one "
+                              f"of {order[:order.index(self.name)]}")
+        folder = stage_dir(self.run_dir, index, ref)
+        done = manifest.read(folder)
+        if done is None or done.get("status") != manifest.COMPLETE:
+            raise ConfigError(f"{field}={ref!r}: stage {ref!r} has not completed in {folder}")
+        return folder / done["checkpoint"]
 
 
 @dataclass

@@ -30,26 +30,52 @@ class TrainingOutcome:
     expert_lr_scale: float | None
 
 
-def train_stage(ctx: StageContext, tokenizer, train_ds, valid_ds,
-                forward_step: Callable = lm_forward_step) -> TrainingOutcome:
-    """Build the stage's model (``ctx.model_cfg``) and train it on ``train_ds`` from the stage's
-    latest checkpoint, else its parent's weights; ``valid_ds`` (or None) gives the evaluation loss."""
-    cfg, env, model_cfg, train = ctx.cfg, ctx.env, ctx.model_cfg, ctx.stage_cfg.train
-    seq_length = int(model_cfg.seq_length)
-    gbs, mbs = int(train.global_batch_size), int(train.micro_batch_size)
+@dataclass
+class StageModel:
+    """A stage's model chunks (DDP-wrapped), optimizer and scheduler, before any weights are loaded."""
+
+    chunks: list
+    optimizer: object
+    scheduler: object
+    expert_lr_scale: float | None
+    vocab_size: int                 # the tokenizer's (model_vocab_size); logits beyond it are padding
+
+
+def build_stage_model(ctx: StageContext, tokenizer) -> StageModel:
+    """The stage's model (``ctx.model_cfg`` under ``cfg.parallel``), DDP and optimizer.
+
+    Stages that sample from their parent before training (CoT fusion, deliberation) build it first,
+    load the parent's weights and generate, then hand it to :func:`train_stage`."""
+    cfg, model_cfg, train = ctx.cfg, ctx.model_cfg, ctx.stage_cfg.train
+    gbs = int(train.global_batch_size)
     config = model_builder.transformer_config(model_cfg, cfg.parallel)
-    vocab = model_builder.padded_vocab_size(model_builder.model_vocab_size(model_cfg, tokenizer), env.tp)
-    chunks = model_builder.build_model(model_cfg, config, vocab)
+    vocab = model_builder.model_vocab_size(model_cfg, tokenizer)
+    chunks = model_builder.build_model(model_cfg, config, model_builder.padded_vocab_size(vocab, ctx.env.tp))
     use_dist_opt = bool(cfg.parallel.use_distributed_optimizer)
     ddp_chunks = optim.wrap_ddp(chunks, config, use_dist_opt)
-    lr_scale = expert_lr_scale(train.get("expert_lr"), model_cfg, gbs * seq_length,
+    lr_scale = expert_lr_scale(train.get("expert_lr"), model_cfg, gbs * int(model_cfg.seq_length),
                                field=f"stages.{ctx.name}.train.expert_lr")
     optimizer, scheduler = optim.build_optimizer(train, ddp_chunks, bf16=config.bf16,
                                                  use_distributed_optimizer=use_dist_opt,
                                                  expert_lr_scale=lr_scale)
+    return StageModel(ddp_chunks, optimizer, scheduler, lr_scale, vocab)
+
+
+def train_stage(ctx: StageContext, tokenizer, train_ds, valid_ds,
+                forward_step: Callable = lm_forward_step, model: StageModel | None = None,
+                initial_metrics: Callable[[list], dict] | None = None) -> TrainingOutcome:
+    """Train ``model`` (default: a fresh :func:`build_stage_model`) on ``train_ds`` from the stage's
+    latest checkpoint, else its parent's weights; ``valid_ds`` (or None) gives the evaluation loss.
+
+    ``initial_metrics(chunks)``, when given, measures the parent's weights before the first step
+    (e.g. task accuracy); like the initial evaluation loss it is recorded once, not on a resume."""
+    env, model_cfg, train = ctx.env, ctx.model_cfg, ctx.stage_cfg.train
+    model = model or build_stage_model(ctx, tokenizer)
+    seq_length = int(model_cfg.seq_length)
+    gbs, mbs = int(train.global_batch_size), int(train.micro_batch_size)
     dp_rank = parallel_state.get_data_parallel_rank()
     trainer = Trainer(
-        ddp_chunks, optimizer, scheduler, train,
+        model.chunks, model.optimizer, model.scheduler, train,
         train_batches=StepBatches(train_ds, mbs, gbs, dp_rank, env.dp),
         valid_batches=StepBatches(valid_ds, mbs, gbs, dp_rank, env.dp) if valid_ds is not None else None,
         checkpoint_root=ctx.stage_dir / "checkpoints",
@@ -60,7 +86,8 @@ def train_stage(ctx: StageContext, tokenizer, train_ds, valid_ds,
     )
     trainer.restore(ctx.parent_checkpoint)
     if trainer.state.resumed_from_step is None:  # a resumed attempt recorded this already
-        ctx.record_metrics({"initial_valid_loss": trainer.evaluate()})
+        ctx.record_metrics({"initial_valid_loss": trainer.evaluate(),
+                            **(initial_metrics(trainer.chunks) if initial_metrics else {})})
     t0 = time.perf_counter()
     last = trainer.fit()
     final = {
@@ -69,4 +96,4 @@ def train_stage(ctx: StageContext, tokenizer, train_ds, valid_ds,
         "train_time_s": round(time.perf_counter() - t0, 3),
     }
     trainer.metrics.close()
-    return TrainingOutcome(trainer, latest_checkpoint(ctx.stage_dir / "checkpoints"), final, lr_scale)
+    return TrainingOutcome(trainer, latest_checkpoint(ctx.stage_dir / "checkpoints"), final, model.expert_lr_scale)

@@ -238,14 +238,14 @@ def build_fused_set(items: Sequence[Any], sample: Sampler, verify: Verifier, *, 
     return FusionResult(examples, dropped, stats)
 
 
-def fused_to_conversations(result: FusionResult) -> list[tuple[list[dict[str, str]], str]]:
+def fused_to_conversations(examples: Sequence[FusedExample]) -> list[tuple[list[dict[str, str]], str]]:
     """``(messages, thinking)`` per example, for ``chat_format.format_chat(messages, tok, thinking=...)``.
 
     The whole target is the assistant ``content`` (no ``reasoning`` field): the long continuation was
     sampled as a plain continuation of the assistant turn, so it is trained in that same layout.
     """
     return [([{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.target}],
-             e.mode) for e in result.examples]
+             e.mode) for e in examples]
 
 
 def _broadcast(name: str, value, n: int) -> list:

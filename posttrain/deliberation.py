@@ -320,8 +320,13 @@ _PRIORITY = {"reference": 0, "tie": 1, "candidate": 2}  # the candidate's losses
 
 
 def select_training_data(battles: Sequence[Battle], table: WinRateTable, items: Sequence[Any], *,
-                         budget: int, weak_share: float = 0.5, seed: int = 0) -> list[TrainingRecord]:
+                         budget: int, weak_share: float = 0.5, seed: int = 0,
+                         accept: Callable[[Any, str], bool] | None = None) -> list[TrainingRecord]:
     """Targeted SFT data for the next round (module docstring: best answer, quotas, priority).
+
+    ``accept(item, answer)``, when given, must hold for a best answer to become training data: the
+    panel only ranks the two answers of a battle, so the better of two wrong answers (a tie, or a
+    narrow win on format) would otherwise be trained on. With a verifier it keeps only correct ones.
 
     Identical (item, answer) pairs count once. The result is ordered by difficulty, easiest first
     (the curriculum), in a seeded shuffled order within a difficulty; same inputs and seed, same
@@ -339,6 +344,8 @@ def select_training_data(battles: Sequence[Battle], table: WinRateTable, items: 
     pool: dict[tuple[str, str], TrainingRecord] = {}
     for b in battles:
         answer, source = b.best()
+        if accept is not None and not accept(by_id[b.item_id], answer):
+            continue
         rec = TrainingRecord(b.item_id, b.category, b.difficulty, by_id[b.item_id].prompt,
                              answer, source, b.winner)
         key = (b.item_id, answer)
@@ -413,11 +420,11 @@ class DeliberationRound:
 
 def deliberation_round(round_index: int, items: Sequence[Any], candidate_answers,
                        reference_answers: Mapping[str, Any], panel: JudgePanel, *, budget: int,
-                       weak_share: float = 0.5, seed: int = 0,
-                       tie_margin: float = 0.0) -> DeliberationRound:
+                       weak_share: float = 0.5, seed: int = 0, tie_margin: float = 0.0,
+                       accept: Callable[[Any, str], bool] | None = None) -> DeliberationRound:
     """Battles, table and selected data of one round (seed offset by the round index)."""
     battles = run_battles(items, candidate_answers, reference_answers, panel, tie_margin=tie_margin)
     table = win_rate_table(battles)
     selected = select_training_data(battles, table, items, budget=budget, weak_share=weak_share,
-                                    seed=seed + round_index)
+                                    seed=seed + round_index, accept=accept)
     return DeliberationRound(round_index, battles, table, selected)

@@ -6,13 +6,8 @@ Data: the synthetic verifiable tasks (``data_pipelines.verifiable_tasks``), each
 ``seq_length`` by ``data_pipelines.packing``. A hash split of the task ids gives the held-out
 conversations the evaluation loss is measured on.
 
-Packing is only correct if documents never see each other: :func:`sft_forward_step` gives
-megatron-core's local attention the block-diagonal causal mask of each row (``attention_mask``
-``[b, 1, s, s]``, True = masked). Positions restart per document (``position_ids`` from packing); RoPE
-scores depend only on relative positions, so with the mask a document is scored exactly as if alone.
-Mamba layers (``turbos_hybrid``) take no mask: their state still flows across the documents of a row.
-The dense mask suits the local (CPU) attention of the demo; at 32K tokens a row it is 1 GiB, and the
-GPU path should instead hand ``packing.packed_seq_params`` (THD) to a varlen attention kernel.
+Packing and the forward step are :mod:`posttrain.sft_data`'s. The stage reports the verifiable-task
+accuracy (``eval/synthetic_tasks.yaml``) of its parent (the pretrained model in the demo) and its own.
 
 Starts from the previous stage's weights (``Trainer.restore``); Hunyuan's SFT dropout is a
 ``model_overrides`` setting of the stage preset (``stage/sft.yaml``, ``stage/sft_turbos.yaml``).
@@ -20,153 +15,60 @@ Starts from the previous stage's weights (``Trainer.restore``); Hunyuan's SFT dr
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
-
-from data_pipelines.chat_format import format_chat
-from data_pipelines.packing import IGNORE_LABEL, PackedSequence, PackingStats, attention_mask, pack_examples
 from data_pipelines.prepare import prepare_data
 from data_pipelines.tokenizer import load_tokenizer
 from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks
 from megatron_ext.stage import StageContext, StageResult
-from megatron_ext.stage_training import train_stage
-from megatron_ext.trainer import masked_mean_loss
+from megatron_ext.stage_training import build_stage_model, train_stage
+from posttrain.chat_sampling import eval_tasks, stage_task_accuracy
+from posttrain.sft_data import Example, build_sft_data, chat_examples, sft_forward_step
 
 
 def task_conversation(task: Task) -> list[dict[str, str]]:
     return [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.solution}]
 
 
-def sft_examples(tasks: Sequence[Task], tokenizer, thinking: str | None) -> list[tuple[list[int], list[int]]]:
+def sft_examples(tasks: Sequence[Task], tokenizer, thinking: str | None) -> list[Example]:
     """``(ids, loss_mask)`` per task, loss on the assistant turn only (``chat_format.format_chat``)."""
-    return [format_chat(task_conversation(t), tokenizer, thinking=thinking) for t in tasks]
-
-
-class PackedSFTDataset:
-    """Map-style dataset of packed rows for :class:`StepBatches`.
-
-    ``cu_seqlens`` is padded to ``max_segments + 1`` entries by repeating ``seq_length`` (empty
-    trailing segments), so rows stack into one tensor; the dense ``[s, s]`` mask is built per
-    micro-batch in :func:`sft_forward_step` rather than stored (it is ``s**2`` per row).
-    """
-
-    def __init__(self, rows: Sequence[PackedSequence], seq_length: int, max_segments: int):
-        assert rows, "no packed rows"
-        self.rows = list(rows)
-        self.seq_length = seq_length
-        self.max_segments = max_segments
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.rows[index]
-        cu = row.cu_seqlens.to(torch.int64)
-        pad = self.max_segments + 1 - len(cu)
-        assert pad >= 0, (len(cu), self.max_segments)
-        return {
-            "tokens": row.tokens,
-            "labels": row.labels,
-            "loss_mask": row.loss_mask,
-            "position_ids": row.position_ids,
-            "cu_seqlens": torch.cat([cu, torch.full((pad,), self.seq_length, dtype=torch.int64)]),
-        }
-
-
-def sft_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the model and loss receive for a packed micro-batch.
-
-    ``attention_mask``: each row's block-diagonal causal mask, ``[b, 1, s, s]``, True = masked.
-    ``labels``: megatron's cross entropy needs valid ids, so ``IGNORE_LABEL`` positions (a
-    document's last token, padding) get id 0 and ``loss_mask`` 0 there.
-    """
-    tokens = batch["tokens"]
-    seq = tokens.size(1)
-    mask = torch.stack([attention_mask(cu, seq) for cu in batch["cu_seqlens"]]).to(tokens.device)
-    labels = batch["labels"]
-    has_target = labels != IGNORE_LABEL
-    return {
-        "tokens": tokens,
-        "position_ids": batch["position_ids"],
-        "attention_mask": mask,
-        "labels": torch.where(has_target, labels, torch.zeros_like(labels)),
-        "loss_mask": batch["loss_mask"].float() * has_target.float(),
-    }
-
-
-def sft_forward_step(batch_iter, model):
-    """megatron-core forward step for packed SFT batches (the Trainer's ``forward_step``)."""
-    inputs = sft_inputs(next(batch_iter))
-    output = model(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"], labels=inputs["labels"])
-    return output, lambda out: masked_mean_loss(inputs["loss_mask"], out)
-
-
-def _pack(examples, seq_length: int, pad_id: int, packing_cfg) -> tuple[list[PackedSequence], PackingStats]:
-    return pack_examples(examples, seq_length, pad_id,
-                         overflow=packing_cfg.get("overflow", "truncate"),
-                         strategy=packing_cfg.get("strategy", "first_fit"))
-
-
-def _rows_fingerprint(rows: Sequence[PackedSequence]) -> str:
-    """sha256 of exactly what the stage trains on: every row's tokens, labels and loss mask."""
-    h = hashlib.sha256()
-    for row in rows:
-        for t in (row.tokens, row.labels, row.loss_mask, row.cu_seqlens):
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _data_sizes(examples, rows: Sequence[PackedSequence], stats: PackingStats) -> dict[str, Any]:
-    return {
-        "examples": len(examples),
-        "packed_sequences": len(rows),
-        "tokens": sum(len(ids) for ids, _ in examples),
-        "trained_tokens": int(sum(float(row.loss_mask.sum()) for row in rows)),
-        "padding_tokens": stats.num_padding_tokens,
-        "truncated_examples": stats.num_truncated,
-        "dropped_examples": stats.num_dropped,
-    }
+    return chat_examples([(task_conversation(t), thinking) for t in tasks], tokenizer)
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg, st, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.model_cfg
-    train, tasks_cfg = st.train, st.tasks
-    seq_length = int(model_cfg.seq_length)
+    tasks_cfg = st.tasks
     prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
 
     tasks = generate_tasks(list(tasks_cfg.kinds), int(tasks_cfg.num_tasks), int(cfg.seed),
                            difficulties=list(tasks_cfg.difficulties))
     train_tasks, held_out_tasks = split_tasks(tasks, float(tasks_cfg.held_out_fraction), int(cfg.seed))
+    eval_ids = {t.id for t in eval_tasks(st.eval, int(cfg.seed))}
+    train_tasks = [t for t in train_tasks if t.id not in eval_ids]
     thinking = tasks_cfg.get("thinking")
-    packing_cfg = st.get("packing") or {}
-    train_examples = sft_examples(train_tasks, tokenizer, thinking)
-    valid_examples = sft_examples(held_out_tasks, tokenizer, thinking)
-    train_rows, train_stats = _pack(train_examples, seq_length, tokenizer.pad, packing_cfg)
-    valid_rows, valid_stats = _pack(valid_examples, seq_length, tokenizer.pad, packing_cfg)
-    max_segments = max(len(r.cu_seqlens) - 1 for r in train_rows + valid_rows)
-    train_ds = PackedSFTDataset(train_rows, seq_length, max_segments)
-    valid_ds = PackedSFTDataset(valid_rows, seq_length, max_segments) if valid_rows else None
+    data = build_sft_data(sft_examples(train_tasks, tokenizer, thinking),
+                          sft_examples(held_out_tasks, tokenizer, thinking),
+                          int(model_cfg.seq_length), tokenizer.pad, st.get("packing"))
 
-    gbs = int(train.global_batch_size)
-    outcome = train_stage(ctx, tokenizer, train_ds, valid_ds, forward_step=sft_forward_step)
+    model = build_stage_model(ctx, tokenizer)
+
+    def accuracy(chunks) -> dict:
+        return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, int(cfg.seed))
+
+    outcome = train_stage(ctx, tokenizer, data.train, data.valid, forward_step=sft_forward_step, model=model,
+                          initial_metrics=lambda chunks: {"initial_task_accuracy": accuracy(chunks)})
     trainer = outcome.trainer
-    train_sizes = _data_sizes(train_examples, train_rows, train_stats)
+    gbs = int(st.train.global_batch_size)
     return StageResult(
         checkpoint=outcome.checkpoint,
         steps=trainer.state.step,
         tokens_seen=trainer.state.tokens_seen,
-        final_metrics=outcome.final_metrics,
-        data_fingerprint=_rows_fingerprint(train_rows + valid_rows),
+        final_metrics={**outcome.final_metrics, "task_accuracy": accuracy(trainer.chunks)},
+        data_fingerprint=data.fingerprint,
         extra={
-            "sft_data": {
-                "train": train_sizes,
-                "held_out": _data_sizes(valid_examples, valid_rows, valid_stats),
-                "epochs": round(trainer.state.step * gbs / len(train_rows), 3),
-                "thinking": thinking,
-            },
+            "sft_data": {**data.sizes, "epochs": round(trainer.state.step * gbs / len(data.train), 3),
+                         "thinking": thinking},
             "expert_lr_scale": outcome.expert_lr_scale,
         },
     )

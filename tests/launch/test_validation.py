@@ -55,11 +55,23 @@ def test_unknown_stage_in_order():
 
 def test_sft_stage_needs_no_data_mix_but_a_valid_tasks_section():
     cfg = load_config([])
-    assert "mix" not in cfg.stages.sft and cfg.pipeline.order[-1] == "sft"
+    assert "mix" not in cfg.stages.sft and "sft" in cfg.pipeline.order
     validate(cfg)
     check(["stages.sft.tasks.kinds=[riddles]"], "stages.sft.tasks.kinds=['riddles']", "arithmetic")
     check(["stages.sft.tasks.held_out_fraction=0.0"], "stages.sft.tasks.held_out_fraction=0.0")
     check(["stages.sft.tasks.thinking=medium"], "stages.sft.tasks.thinking='medium'", "short")
+
+
+def test_sampling_stages_check_their_sections():
+    check(["pipeline.order=[cot_fusion]"], "stages.cot_fusion", "samples from a trained model", "init_from")
+    check(["stages.cot_fusion.prompts.kinds=[riddles]"], "stages.cot_fusion.prompts.kinds=['riddles']")
+    check(["stages.cot_fusion.fusion.easy_threshold=0"], "stages.cot_fusion.fusion.easy_threshold=0")
+    check(["stages.cot_fusion.fusion.hard_fallback=keep"], "stages.cot_fusion.fusion.hard_fallback='keep'")
+    check(["stages.cot_fusion.sampling.temperature=-1"], "stages.cot_fusion.sampling.temperature=-1")
+    check(["stages.deliberation_1.references=[deliberation_2]"], "stages.deliberation_1.references",
+          "'deliberation_2'", "earlier stage")
+    check(["stages.deliberation_1.references=[]"], "stages.deliberation_1.references is empty")
+    check(["stages.deliberation_2.weak_share=1.5"], "stages.deliberation_2.weak_share=1.5")
 
 
 def test_unknown_stage_kind():

@@ -22,7 +22,8 @@ from launch.config import load_config
 from megatron_ext import distributed, model_builder
 from megatron_ext.quiet import quiet_known_warnings
 from megatron_ext.trainer import StepBatches
-from posttrain.sft_stage import PackedSFTDataset, sft_examples, sft_forward_step, sft_inputs
+from posttrain.sft_data import PackedSFTDataset, sft_forward_step, sft_inputs
+from posttrain.sft_stage import sft_examples
 
 SEQ = 128
 

@@ -199,7 +199,7 @@ class CharTokenizer:
 def test_fused_to_conversations_feed_format_chat(tasks):
     res = build_fused_set(tasks[:12], FakeShort(tasks), verify, k_short=K, easy_threshold=0.75,
                           max_long_attempts=3, sample_long=FakeLong(tasks))
-    convs = fused_to_conversations(res)
+    convs = fused_to_conversations(res.examples)
     assert len(convs) == len(res.examples) == 12
     tok = CharTokenizer()
     for (messages, thinking), e in zip(convs, res.examples):

@@ -71,6 +71,21 @@ def test_ties_count_half_and_take_the_candidate_answer(tasks):
     assert {r.source for r in select_training_data(battles, table, tasks, budget=5, seed=0)} == {"candidate"}
 
 
+def test_accept_filter_drops_best_answers_that_fail_it(tasks):
+    """Ties between two wrong answers (or a win on format alone) must not become training data."""
+    wrong = [t.solution.replace(t.answer, t.answer + "1") for t in tasks]
+    right = {"ref_a": [t.solution for t in tasks]}
+    battles = run_battles(tasks, wrong, right, always(0.0))  # a judge blind to correctness: all ties
+    table = win_rate_table(battles)
+    unfiltered = select_training_data(battles, table, tasks, budget=100, seed=0)
+    assert {r.source for r in unfiltered} == {"candidate"}  # ties take the candidate's (wrong) answer
+    accept = lambda item, answer: verify(item, answer)[0] == 1.0
+    assert select_training_data(battles, table, tasks, budget=100, seed=0, accept=accept) == []
+    battles = run_battles(tasks, wrong, right, always(-1.0))  # the reference wins: its answers are right
+    kept = select_training_data(battles, win_rate_table(battles), tasks, budget=100, seed=0, accept=accept)
+    assert len(kept) == len(tasks) and {r.source for r in kept} == {"ref_a"}
+
+
 def _kind_judge(loses_in):
     """Prefers the reference on items of the kinds in `loses_in` (with their own win share)."""
     def judge(item, a, b):

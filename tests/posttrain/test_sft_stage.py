@@ -11,7 +11,8 @@ from data_pipelines.packing import IGNORE_LABEL, pack_examples
 from data_pipelines.prepare import prepare_data
 from data_pipelines.tokenizer import load_tokenizer
 from data_pipelines.verifiable_tasks import generate_tasks
-from posttrain.sft_stage import PackedSFTDataset, sft_examples, sft_inputs, task_conversation
+from posttrain.sft_data import PackedSFTDataset, sft_inputs
+from posttrain.sft_stage import sft_examples, task_conversation
 
 WORKER = Path(__file__).with_name("sft_forward_worker.py")
 

@@ -1,0 +1,106 @@
+"""Ask a megatron-core model chat questions: sampling requests, and the verifiable-task accuracy.
+
+The glue between :mod:`megatron_ext.generation` (token prompts in, tokens out) and the post-training
+stages, which think in user prompts, thinking modes and response text:
+
+- :class:`ChatSampler` implements the ``Sampler`` protocol of :mod:`posttrain.cot_fusion`: each
+  request's prompt is laid out by ``chat_format.format_prompt`` (the same layout SFT trains on, so
+  generation continues where training did), an assistant ``prefix`` is appended as text, and the
+  response stops at ``[END_OF_TURN]`` (or EOD), which is stripped from the text.
+- :func:`task_accuracy`: greedy answers to held-out synthetic tasks, verified exactly: the number
+  every post-training stage reports before and after it trains.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
+
+from data_pipelines import special_tokens
+from data_pipelines.chat_format import format_prompt
+from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks, verify
+from megatron_ext.generation import Generation, Generator, SamplingParams
+from posttrain.cot_fusion import SampleRequest
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    return (tokenizer.special_id(special_tokens.END_OF_TURN), tokenizer.eod)
+
+
+def sampling_params(cfg: Mapping[str, Any], tokenizer) -> SamplingParams:
+    """A stage's ``sampling`` block (temperature, top_p, top_k, max_new_tokens) with the chat stops."""
+    return SamplingParams(temperature=float(cfg.get("temperature", 1.0)), top_p=float(cfg.get("top_p", 1.0)),
+                          top_k=int(cfg.get("top_k", 0)), max_new_tokens=int(cfg["max_new_tokens"]),
+                          stop_token_ids=stop_ids(tokenizer))
+
+
+def response_text(tokenizer, generation: Generation) -> str:
+    tokens = generation.tokens[:-1] if generation.finished else generation.tokens
+    return tokenizer.detokenize(tokens)
+
+
+def prompt_ids(tokenizer, prompt: str, thinking: str | None, prefix: str = "") -> list[int]:
+    ids = format_prompt([{"role": "user", "content": prompt}], tokenizer, thinking=thinking)
+    return ids + (tokenizer.tokenize(prefix) if prefix else [])
+
+
+class ChatSampler:
+    """``requests -> n response texts each`` from a :class:`Generator` (all requests in one call).
+
+    Call ``k`` samples with seed ``seed + k``, so a stage that makes the same calls in the same order
+    (a rerun) samples the same responses. :attr:`generations` keeps the last call's raw outputs.
+    """
+
+    def __init__(self, generator: Generator, tokenizer, params: SamplingParams, seed: int):
+        self.generator, self.tokenizer, self.params = generator, tokenizer, params
+        self.seed, self.calls = int(seed), 0
+        self.generations: list[list[Generation]] = []
+
+    def __call__(self, requests: Sequence[SampleRequest]) -> list[list[str]]:
+        prompts = [prompt_ids(self.tokenizer, r.prompt, r.thinking, r.prefix) for r in requests for _ in range(r.n)]
+        flat = self.generator.generate_sharded(prompts, self.params, seed=self.seed + self.calls)
+        self.calls += 1
+        out, start = [], 0
+        for r in requests:
+            out.append(flat[start:start + r.n])
+            start += r.n
+        self.generations = out
+        return [[response_text(self.tokenizer, g) for g in group] for group in out]
+
+
+def eval_tasks(eval_cfg: Mapping[str, Any], seed: int) -> list[Task]:
+    """The held-out tasks of the ``eval/`` preset: the SFT stage's split of the same generated set."""
+    tasks = generate_tasks(list(eval_cfg["kinds"]), int(eval_cfg["num_tasks"]), int(seed),
+                           difficulties=list(eval_cfg["difficulties"]))
+    _, held_out = split_tasks(tasks, float(eval_cfg["held_out_fraction"]), int(seed))
+    return held_out[: int(eval_cfg["max_eval_tasks"])]
+
+
+def task_accuracy(generator: Generator, tokenizer, tasks: Sequence[Task], thinking: str | None,
+                  max_new_tokens: int) -> dict[str, Any]:
+    """Greedy accuracy on ``tasks``: overall, per kind and per difficulty, with response lengths."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids(tokenizer))
+    gens = generator.generate_sharded([prompt_ids(tokenizer, t.prompt, thinking) for t in tasks], params)
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    by_level: dict[int, list[float]] = defaultdict(list)
+    for task, gen in zip(tasks, gens):
+        reward, _ = verify(task, response_text(tokenizer, gen))
+        by_kind[task.kind].append(reward)
+        by_level[task.difficulty].append(reward)
+    rewards = [r for rs in by_kind.values() for r in rs]
+    return {
+        "accuracy": sum(rewards) / max(len(rewards), 1),
+        "n": len(rewards),
+        "by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
+        "by_difficulty": {str(d): round(sum(v) / len(v), 4) for d, v in sorted(by_level.items())},
+        "finished": sum(g.finished for g in gens) / max(len(gens), 1),
+        "mean_response_tokens": sum(len(g.tokens) for g in gens) / max(len(gens), 1),
+        "thinking": thinking,
+    }
+
+
+def stage_task_accuracy(chunks, tokenizer, vocab_size: int, eval_cfg: Mapping[str, Any], seed: int) -> dict:
+    """:func:`task_accuracy` of a stage's model on its ``eval`` preset."""
+    generator = Generator(chunks, vocab_size, max_batch_size=int(eval_cfg.get("batch_size", 32)))
+    return task_accuracy(generator, tokenizer, eval_tasks(eval_cfg, seed), eval_cfg.get("thinking"),
+                         int(eval_cfg["max_new_tokens"]))

@@ -1,0 +1,114 @@
+"""The sampling post-training stages in a real pipeline run: SFT -> CoT fusion -> two deliberation rounds.
+
+SFT starts from random init on one easy task kind (largest / smallest of three digits), which the
+tiny model learns in ~100 steps to roughly 40-50% greedy accuracy, so the later stages see both
+verified and failed answers. About a minute on 2 cores.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.verifiable_tasks import generate_tasks, verify
+from launch.config import load_config
+
+STAGES = ["sft", "cot_fusion", "deliberation_1", "deliberation_2"]
+TASKS = ["stages.{s}.eval.kinds=[comparison]", "stages.{s}.eval.difficulties=[1]",
+         "stages.{s}.eval.num_tasks=400", "stages.{s}.eval.max_eval_tasks=24"]
+SAMPLING = ["stages.{s}.prompts.kinds=[comparison]", "stages.{s}.prompts.difficulties=[1]",
+            "stages.{s}.prompts.num_tasks=40", "stages.{s}.train.steps=4", "stages.{s}.train.warmup_steps=1",
+            "stages.{s}.train.save_interval=4", "stages.{s}.train.eval_interval=4", "stages.{s}.train.eval_iters=1"]
+OVERRIDES = [
+    f"pipeline.order=[{','.join(STAGES)}]",
+    "data.sources.prose.num_docs=300", "data.sources.arithmetic.num_docs=300", "data.sources.code.num_docs=200",
+    "stages.sft.tasks.kinds=[comparison]", "stages.sft.tasks.difficulties=[1]", "stages.sft.tasks.num_tasks=400",
+    "stages.sft.train.steps=120", "stages.sft.train.lr=2e-3", "stages.sft.train.save_interval=120",
+    "stages.sft.train.eval_interval=120", "stages.sft.train.eval_iters=1",
+    "stages.cot_fusion.fusion.k_short=2", "stages.cot_fusion.fusion.max_long_attempts=2",
+    "stages.deliberation_1.budget=24", "stages.deliberation_2.budget=24",
+    *[o.format(s=s) for s in STAGES for o in TASKS],
+    *[o.format(s=s) for s in STAGES[1:] for o in SAMPLING],
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("posttrain") / "run"
+    proc = subprocess.run([sys.executable, "-m", "launch", f"run_dir={run_dir}", *OVERRIDES],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def manifest(run_dir: Path, index: int) -> dict:
+    return json.loads((run_dir / f"{index + 1:02d}_{STAGES[index]}" / "manifest.json").read_text())
+
+
+def tasks_by_id(n: int = 40, seed_offset: int = 1) -> dict:
+    cfg = load_config([])
+    return {t.id: t for t in generate_tasks(["comparison"], n, int(cfg.seed) + seed_offset, difficulties=[1])}
+
+
+def test_every_stage_completes_and_reports_task_accuracy(run):
+    for i, name in enumerate(STAGES):
+        m = manifest(run, i)
+        assert m["status"] == "complete", name
+        assert (run / f"{i + 1:02d}_{name}" / m["checkpoint"] / "metadata.json").exists()
+        assert "task_accuracy" in m["final_metrics"] and "initial_task_accuracy" in m["final_metrics"]
+        if i:  # each stage starts from the one before it
+            prev = manifest(run, i - 1)
+            assert m["parent_checkpoint"].endswith(prev["checkpoint"])
+    sft = manifest(run, 0)["final_metrics"]
+    # From random init to a model that answers some of the held-out tasks right.
+    assert sft["initial_task_accuracy"]["accuracy"] == 0.0
+    assert sft["task_accuracy"]["accuracy"] > 0.15
+    assert "task accuracy" in (run / "summary.txt").read_text()
+
+
+def test_cot_fusion_routes_by_pass_rate_and_every_target_verifies(run):
+    st = load_config([]).stages.cot_fusion.fusion
+    folder = run / "02_cot_fusion" / "fused"
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    summary = json.loads((folder / "summary.json").read_text())
+    tasks = tasks_by_id()
+    assert records and summary["n_kept"] == len(records)
+    assert summary["n_items"] == summary["n_kept"] + summary["n_dropped"]
+    for r in records:
+        task = tasks[r["item_id"]]
+        assert verify(task, r["target"])[0] == 1.0, r
+        if r["mode"] == "short":
+            assert r["pass_rate"] >= st.easy_threshold and r["difficulty_label"] == "easy"
+        else:
+            assert r["pass_rate"] < st.easy_threshold and r["difficulty_label"] == "hard"
+            assert r["target"] == r["short_attempt"] + st.bridge + r["continuation"]
+            assert verify(task, r["short_attempt"])[0] == 0.0
+    m = manifest(run, 1)
+    assert m["fused_data"]["examples"] == len(records)
+    assert m["fused_data"]["short"] + m["fused_data"]["long"] == len(records)
+    assert set(m["final_metrics"]["task_accuracy"]) == {"short", "long"}
+    assert summary["generation"]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("index,references", [(2, ["sft"]), (3, ["sft", "cot_fusion"])])
+def test_deliberation_rounds_keep_battles_win_rates_and_verified_data(run, index, references):
+    folder = run / f"{index + 1:02d}_{STAGES[index]}" / "round"
+    battles = [json.loads(line) for line in (folder / "battles.jsonl").read_text().splitlines()]
+    table = json.loads((folder / "win_rates.json").read_text())
+    data = [json.loads(line) for line in (folder / "training_data.jsonl").read_text().splitlines()]
+    assert table["round"] == index - 1
+    assert {b["reference"] for b in battles} == set(references) == set(table["by_reference"])
+    wins = sum(b["winner"] == "candidate" for b in battles)
+    ties = sum(b["winner"] == "tie" for b in battles)
+    assert table["overall"]["win_rate"] == pytest.approx((wins + ties / 2) / len(battles))
+    assert set(table["categories"]) == {"comparison"}
+    tasks = tasks_by_id(seed_offset=10 + index - 1)
+    assert data and len(data) <= 24
+    for r in data:  # only answers the verifier accepts become training data
+        assert verify(tasks[r["item_id"]], r["answer"])[0] == 1.0
+    m = manifest(run, index)
+    assert m["final_metrics"]["win_rate"] == table["overall"]["win_rate"]
+    assert m["deliberation"]["selected"] == len(data)
+    assert set(m["deliberation"]["references"]) == set(references)
