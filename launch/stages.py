@@ -9,4 +9,5 @@ STAGE_KINDS = {
     "sft": "posttrain.sft_stage",
     "cot_fusion": "posttrain.cot_fusion_stage",
     "deliberation": "posttrain.deliberation_stage",
+    "rl": "posttrain.rl_stage",
 }

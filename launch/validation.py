@@ -239,6 +239,41 @@ def validate_sampling_stage(name: str, st: Mapping, order: list[str]) -> None:
         _fraction(st.get("weak_share"), f"{prefix}.weak_share", low_open=False)
 
 
+def validate_rl_stage(name: str, st: Mapping, order: list[str]) -> None:
+    """An RL stage's rollout shape, prompt sources and LaSeR settings (posttrain/rl_stage.py)."""
+    prefix = f"stages.{name}"
+    if order.index(name) == 0 and not st.get("init_from"):
+        raise ConfigError(f"{prefix}: RL starts from a trained policy; put a stage before it in "
+                          f"pipeline.order or set {prefix}.init_from to a checkpoint")
+    rl, train = st.get("rl") or {}, st["train"]
+    groups = _positive_int(rl.get("groups"), f"{prefix}.rl.groups")
+    size = _positive_int(rl.get("group_size"), f"{prefix}.rl.group_size")
+    if size < 2:
+        raise ConfigError(f"{prefix}.rl.group_size={size}: GRPO compares answers within a group; use >= 2")
+    epochs = _positive_int(rl.get("epochs"), f"{prefix}.rl.epochs")
+    _positive_int(rl.get("max_sampling_rounds"), f"{prefix}.rl.max_sampling_rounds")
+    gbs = int(train["global_batch_size"])
+    if (groups * size) % gbs:
+        raise ConfigError(f"{prefix}: rl.groups x rl.group_size = {groups * size} sequences per rollout must be "
+                          f"a multiple of train.global_batch_size={gbs} (one update per mini-batch)")
+    per_rollout = groups * size // gbs * epochs
+    save = int(train.get("save_interval") or 0)
+    if save and save % per_rollout:
+        raise ConfigError(f"{prefix}.train.save_interval={save}: make it a multiple of the {per_rollout} updates "
+                          f"per rollout, so a resume starts at a fresh rollout")
+    kl = rl.get("kl_coef")
+    if isinstance(kl, bool) or not isinstance(kl, (int, float)) or kl < 0:
+        raise ConfigError(f"{prefix}.rl.kl_coef={kl!r}: must be >= 0 (0: no reference model)")
+    sources = (st.get("prompts") or {}).get("sources") or {}
+    unknown = sorted(set(sources) - {"synthetic", "code", "instruction"})
+    if unknown or not any(float(v.get("weight", 0)) > 0 for v in sources.values()):
+        raise ConfigError(f"{prefix}.prompts.sources: give synthetic / code / instruction sources with a weight > 0"
+                          + (f" (unknown: {unknown})" if unknown else ""))
+    temperature = (st.get("sampling") or {}).get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ConfigError(f"{prefix}.sampling.temperature={temperature!r}: RL samples from the policy; use > 0")
+
+
 def validate(cfg: Mapping) -> dict[str, int]:
     """Raise :class:`ConfigError` on the first problem; return the derived parallel sizes."""
     sizes = validate_parallel(cfg["model"], cfg["parallel"])
@@ -269,6 +304,8 @@ def validate(cfg: Mapping) -> dict[str, int]:
             validate_sft_tasks(st.get("tasks"), f"stages.{name}.tasks")
         if kind in ("cot_fusion", "deliberation"):
             validate_sampling_stage(name, st, order)
+        if kind == "rl":
+            validate_rl_stage(name, st, order)
         init_from = st.get("init_from")
         if init_from and not os.path.isdir(init_from):
             raise ConfigError(

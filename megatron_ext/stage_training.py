@@ -63,12 +63,15 @@ def build_stage_model(ctx: StageContext, tokenizer) -> StageModel:
 
 def train_stage(ctx: StageContext, tokenizer, train_ds, valid_ds,
                 forward_step: Callable = lm_forward_step, model: StageModel | None = None,
-                initial_metrics: Callable[[list], dict] | None = None) -> TrainingOutcome:
+                initial_metrics: Callable[[list], dict] | None = None, train_batches=None,
+                on_trainer: Callable[[Trainer], None] | None = None) -> TrainingOutcome:
     """Train ``model`` (default: a fresh :func:`build_stage_model`) on ``train_ds`` from the stage's
     latest checkpoint, else its parent's weights; ``valid_ds`` (or None) gives the evaluation loss.
 
     ``initial_metrics(chunks)``, when given, measures the parent's weights before the first step
-    (e.g. task accuracy); like the initial evaluation loss it is recorded once, not on a resume."""
+    (e.g. task accuracy); like the initial evaluation loss it is recorded once, not on a resume.
+    ``train_batches`` replaces ``StepBatches(train_ds)`` (RL's rollouts); ``on_trainer(trainer)`` runs
+    after the weights are restored, before the first step."""
     env, model_cfg, train = ctx.env, ctx.model_cfg, ctx.stage_cfg.train
     model = model or build_stage_model(ctx, tokenizer)
     seq_length = int(model_cfg.seq_length)
@@ -76,7 +79,7 @@ def train_stage(ctx: StageContext, tokenizer, train_ds, valid_ds,
     dp_rank = parallel_state.get_data_parallel_rank()
     trainer = Trainer(
         model.chunks, model.optimizer, model.scheduler, train,
-        train_batches=StepBatches(train_ds, mbs, gbs, dp_rank, env.dp),
+        train_batches=train_batches or StepBatches(train_ds, mbs, gbs, dp_rank, env.dp),
         valid_batches=StepBatches(valid_ds, mbs, gbs, dp_rank, env.dp) if valid_ds is not None else None,
         checkpoint_root=ctx.stage_dir / "checkpoints",
         metrics=MetricsWriter(ctx.stage_dir / "metrics", enabled=env.is_main),
@@ -85,6 +88,8 @@ def train_stage(ctx: StageContext, tokenizer, train_ds, valid_ds,
         on_checkpoint=lambda state, path: ctx.on_checkpoint(state.step, state.tokens_seen),
     )
     trainer.restore(ctx.parent_checkpoint)
+    if on_trainer is not None:
+        on_trainer(trainer)
     if trainer.state.resumed_from_step is None:  # a resumed attempt recorded this already
         ctx.record_metrics({"initial_valid_loss": trainer.evaluate(),
                             **(initial_metrics(trainer.chunks) if initial_metrics else {})})

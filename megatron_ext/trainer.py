@@ -150,6 +150,8 @@ class Trainer:
         self._consecutive_skips = 0
         self.num_layers = self.chunks[0].config.num_layers
         self._fwd_bwd = get_forward_backward_func()
+        # optional: more metrics for each logged step (e.g. RL's KL and clip fraction)
+        self.step_metrics_fn: Callable[[], dict] | None = None
 
     # -- state ---------------------------------------------------------------------------------
     def restore(self, parent_checkpoint: str | None) -> None:
@@ -298,6 +300,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         tokens_per_s = self.train_batches.gbs * self.seq_length / dt
         step = self.state.step
+        if self.step_metrics_fn is not None:
+            last.update(self.step_metrics_fn())
         if step % log_every == 0 or step == total:
             self.metrics.write(step, {**last, "tokens_per_s": tokens_per_s,
                                       "tokens_seen": self.state.tokens_seen, "step_time_s": dt})

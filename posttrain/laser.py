@@ -48,17 +48,34 @@ def c_ref_estimate(logp_zc_reference: torch.Tensor, finished: torch.Tensor) -> f
     return float(logp_zc_reference.detach().double()[mask].mean())
 
 
+def self_reward_weights(verifier_rewards: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+    """LaSeR's class-balancing weights per response: ``N / (2 N_correct)`` for correct ones,
+    ``N / (2 N_incorrect)`` for incorrect ones, 0 for unfinished ones (``N`` finished responses,
+    correct: ``r_v > 0.5``). They make each class weigh half of the loss whatever the batch's pass
+    rate, so the score does not learn the base rate; they average to 1 over the finished responses.
+    When one class is absent its formula is undefined: the present class gets weight 1.
+
+    Computed once over a whole step's batch, so micro-batches and data-parallel ranks weigh alike."""
+    assert verifier_rewards.shape == finished.shape and finished.dim() == 1
+    mask = finished.bool()
+    n = int(mask.sum())
+    dtype = torch.promote_types(verifier_rewards.dtype, torch.float32)
+    correct = verifier_rewards.to(dtype) > 0.5
+    n_correct = int((correct & mask).sum())
+    n_incorrect = n - n_correct
+    both = n_correct > 0 and n_incorrect > 0
+    w_correct = n / (2 * n_correct) if both else 1.0
+    w_incorrect = n / (2 * n_incorrect) if both else 1.0
+    weights = torch.where(correct, torch.tensor(w_correct, dtype=dtype), torch.tensor(w_incorrect, dtype=dtype))
+    return weights * mask.to(dtype)
+
+
 def self_reward_loss(scores: torch.Tensor, verifier_rewards: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
     """Class-balanced MSE between self-reward scores and verifier rewards (LaSeR's auxiliary loss).
 
-    ``(1 / N) * sum_{i finished} w_i * (r_s,i - r_v,i)^2`` with ``N`` the number of finished
-    responses, ``w = N / (2 N_correct)`` for correct ones and ``N / (2 N_incorrect)`` for incorrect
-    ones (correct: ``r_v > 0.5``). The weights make each class weigh half of the loss whatever the
-    batch's pass rate, so the score does not learn the base rate; they average to 1.
-    When one class is absent its weight formula is undefined: the present class gets weight 1 (the
-    plain MSE over that class). When nothing is finished the result
-    is ``scores.sum() * 0``: a zero that keeps a grad path, so every rank's backward still runs over
-    the same graph. The caller multiplies by ``alpha`` (0.1).
+    ``(1 / N) * sum_{i finished} w_i * (r_s,i - r_v,i)^2`` with :func:`self_reward_weights`. When
+    nothing is finished the result is ``scores.sum() * 0``: a zero that keeps a grad path, so every
+    rank's backward still runs over the same graph. The caller multiplies by ``alpha`` (0.1).
     """
     assert scores.shape == verifier_rewards.shape == finished.shape and scores.dim() == 1
     mask = finished.bool()
@@ -66,15 +83,9 @@ def self_reward_loss(scores: torch.Tensor, verifier_rewards: torch.Tensor, finis
     if n == 0:
         return scores.sum() * 0
     dtype = torch.promote_types(scores.dtype, torch.float32)
-    s = scores.to(dtype)[mask]
-    r = verifier_rewards.to(dtype)[mask]
-    correct = r > 0.5
-    n_correct = int(correct.sum())
-    n_incorrect = n - n_correct
-    w_correct = n / (2 * n_correct) if n_correct and n_incorrect else 1.0
-    w_incorrect = n / (2 * n_incorrect) if n_correct and n_incorrect else 1.0
-    weights = torch.where(correct, s.new_tensor(w_correct), s.new_tensor(w_incorrect))
-    return (weights * (s - r) ** 2).sum() / n
+    weights = self_reward_weights(verifier_rewards, finished).to(scores.device)
+    s, r = scores.to(dtype), verifier_rewards.to(dtype)
+    return (weights * (s - torch.where(mask, r, s)) ** 2).sum() / n
 
 
 def integrate_advantages(verifier_adv: torch.Tensor, scores: torch.Tensor, group_ids: torch.Tensor,

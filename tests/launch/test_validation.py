@@ -74,6 +74,16 @@ def test_sampling_stages_check_their_sections():
     check(["stages.deliberation_2.weak_share=1.5"], "stages.deliberation_2.weak_share=1.5")
 
 
+def test_rl_stages_check_their_rollout_shape():
+    check(["pipeline.order=[rl_stem]"], "stages.rl_stem", "trained policy")
+    check(["stages.rl_stem.rl.group_size=1"], "stages.rl_stem.rl.group_size=1", ">= 2")
+    check(["stages.rl_stem.rl.groups=3"], "rl.groups x rl.group_size = 24", "global_batch_size=32")
+    check(["stages.rl_stem.train.save_interval=3"], "stages.rl_stem.train.save_interval=3", "2 updates per rollout")
+    check(["stages.rl_general.rl.kl_coef=-1"], "stages.rl_general.rl.kl_coef=-1")
+    check(["+stages.rl_stem.prompts.sources.web={weight: 1}"], "stages.rl_stem.prompts.sources", "'web'")
+    check(["stages.rl_stem.sampling.temperature=0"], "stages.rl_stem.sampling.temperature=0")
+
+
 def test_unknown_stage_kind():
     check(["stages.anneal.kind=distill"], "stages.anneal.kind='distill'", "pretrain")
 

@@ -1,11 +1,13 @@
-"""The sampling post-training stages in a real pipeline run: SFT -> CoT fusion -> two deliberation rounds.
+"""The sampling post-training stages in a real pipeline run: SFT -> CoT fusion -> two deliberation rounds
+-> RL stage I -> RL stage II.
 
 SFT starts from random init on one easy task kind (largest / smallest of three digits), which the
 tiny model learns in ~100 steps to roughly 40-50% greedy accuracy, so the later stages see both
-verified and failed answers. About a minute on 2 cores.
+verified and failed answers. About two minutes on 2 cores.
 """
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +17,18 @@ import pytest
 from data_pipelines.verifiable_tasks import generate_tasks, verify
 from launch.config import load_config
 
-STAGES = ["sft", "cot_fusion", "deliberation_1", "deliberation_2"]
+STAGES = ["sft", "cot_fusion", "deliberation_1", "deliberation_2", "rl_stem", "rl_general"]
 TASKS = ["stages.{s}.eval.kinds=[comparison]", "stages.{s}.eval.difficulties=[1]",
          "stages.{s}.eval.num_tasks=400", "stages.{s}.eval.max_eval_tasks=24"]
 SAMPLING = ["stages.{s}.prompts.kinds=[comparison]", "stages.{s}.prompts.difficulties=[1]",
-            "stages.{s}.prompts.num_tasks=40", "stages.{s}.train.steps=4", "stages.{s}.train.warmup_steps=1",
-            "stages.{s}.train.save_interval=4", "stages.{s}.train.eval_interval=4", "stages.{s}.train.eval_iters=1"]
+            "stages.{s}.prompts.num_tasks=40"]
+TRAIN = ["stages.{s}.train.steps=4", "stages.{s}.train.warmup_steps=1", "stages.{s}.train.save_interval=4",
+         "stages.{s}.train.eval_interval=4", "stages.{s}.train.eval_iters=1"]
+RL = ["stages.{s}.prompts.num_prompts=32", "stages.{s}.prompts.sources.synthetic.kinds=[comparison]",
+      "stages.{s}.prompts.sources.synthetic.difficulties=[1]", "stages.{s}.rl.groups=4",
+      "stages.{s}.rl.group_size=4", "stages.{s}.rl.max_sampling_rounds=2", "stages.{s}.train.micro_batch_size=4",
+      "stages.{s}.train.global_batch_size=8", "stages.{s}.self_reward_eval.num_tasks=6",
+      "stages.{s}.laser.loss_warmup_steps=0", "stages.{s}.laser.adv_warmup_steps=2"]
 OVERRIDES = [
     f"pipeline.order=[{','.join(STAGES)}]",
     "data.sources.prose.num_docs=300", "data.sources.arithmetic.num_docs=300", "data.sources.code.num_docs=200",
@@ -30,7 +38,10 @@ OVERRIDES = [
     "stages.cot_fusion.fusion.k_short=2", "stages.cot_fusion.fusion.max_long_attempts=2",
     "stages.deliberation_1.budget=24", "stages.deliberation_2.budget=24",
     *[o.format(s=s) for s in STAGES for o in TASKS],
-    *[o.format(s=s) for s in STAGES[1:] for o in SAMPLING],
+    *[o.format(s=s) for s in STAGES[1:4] for o in SAMPLING],
+    *[o.format(s=s) for s in STAGES[1:] for o in TRAIN],
+    *[o.format(s=s) for s in STAGES[4:] for o in RL],
+    "stages.rl_general.prompts.sources.instruction.weight=0.5",
 ]
 
 
@@ -38,7 +49,7 @@ OVERRIDES = [
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("posttrain") / "run"
     proc = subprocess.run([sys.executable, "-m", "launch", f"run_dir={run_dir}", *OVERRIDES],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
@@ -112,3 +123,26 @@ def test_deliberation_rounds_keep_battles_win_rates_and_verified_data(run, index
     assert m["final_metrics"]["win_rate"] == table["overall"]["win_rate"]
     assert m["deliberation"]["selected"] == len(data)
     assert set(m["deliberation"]["references"]) == set(references)
+
+
+@pytest.mark.parametrize("index", [4, 5])
+def test_rl_stages_log_rollouts_and_the_self_reward(run, index):
+    folder = run / f"{index + 1:02d}_{STAGES[index]}"
+    m = manifest(run, index)
+    fm = m["final_metrics"]
+    assert m["steps"] == 4 and m["rl"]["updates_per_rollout"] == 2  # 4 groups x 4 answers / 8 a step
+    records = [json.loads(line) for line in (folder / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    rollouts = [r for r in records if r["split"] == "rollout"]
+    updates = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in rollouts] == [0, 2] and len(updates) == 4
+    for r in rollouts:
+        assert 0 <= r["reward_mean"] <= 1 and r["kept_groups"] <= 4
+        assert r["c_ref"] == fm["c_ref"]
+    assert all("kl" in u and "clip_frac" in u and math.isfinite(u["loss"]) for u in updates)
+    # c_ref is estimated once, from the first rollout, and kept for resumes
+    c_ref = json.loads((folder / "laser_c_ref.json").read_text())
+    assert c_ref == {"c_ref": fm["c_ref"], "estimated_at_rollout": 0} and fm["c_ref"] < 0
+    ev = fm["self_reward_eval"]
+    assert ev["n_prompts"] == 6 and ev["k"] == 4
+    assert 0 <= ev["pass_at_1"] <= ev["pass_at_k"] <= 1
+    assert list(fm["reward_by_pool_pass"]) and fm["task_accuracy"]["n"] == 24

@@ -1,0 +1,229 @@
+"""RL stage: GRPO with the LaSeR self-reward on megatron-core (Hunyuan-TurboS two-stage RL).
+
+The same module runs both RL stages; their presets differ in data and KL:
+
+- ``rl_stem`` (stage I, reasoning): math : code : logic prompts with verifiable answers, small KL;
+- ``rl_general`` (stage II): instruction-following prompts with checkable constraints plus a replay
+  share of reasoning prompts, larger KL.
+
+Each update is one :class:`megatron_ext.trainer.Trainer` step on the batches of
+:class:`posttrain.rl_rollouts.RolloutBatches` (sampling, verification, filtering, log-probs) with the
+loss of :func:`posttrain.rl_rollouts.rl_loss`. With ``kl_coef > 0`` a frozen reference model (the
+parent's weights) is built and kept; with 0 it is never loaded. LaSeR's ``c_ref`` is estimated once
+from the first rollout (the initial policy is the reference then) unless configured, and saved with
+the stage, so a resumed attempt uses the same constant.
+
+Reported: per-rollout metrics (``metrics/rollout.jsonl``: reward, filtering, self-verification of the
+rollout), per-update metrics (loss, KL, clip fraction), and in the manifest the reward of the first
+and last rollouts, task accuracy before and after, and the self-reward's verification F1 on held-out
+tasks (:func:`self_reward_eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from data_pipelines.code_tasks import generate_code_tasks
+from data_pipelines.instruction_prompts import generate_instruction_prompts
+from data_pipelines.prepare import prepare_data
+from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.verifiable_tasks import extract_answer, generate_tasks, normalise_answer, split_tasks
+from megatron_ext import checkpointing, model_builder
+from megatron_ext.errors import ConfigError
+from megatron_ext.generation import Generator, SamplingParams
+from megatron_ext.metrics import read_metrics
+from megatron_ext.models.recycle_routing import dropless_routing
+from megatron_ext.stage import StageContext, StageResult
+from megatron_ext.stage_training import build_stage_model, train_stage
+from megatron_ext.trainer import moe_aux_losses
+from posttrain import laser
+from posttrain.chat_sampling import eval_tasks, stage_task_accuracy, stop_ids
+from posttrain.inference_scaling import PromptSamples, Sample, aggregate
+from posttrain.rl_rollouts import RLSettings, RolloutBatches, rl_forward_step_factory
+
+
+def rl_settings(st) -> RLSettings:
+    rl, ls = st.rl, st.laser
+    return RLSettings(
+        groups=int(rl.groups), group_size=int(rl.group_size), epochs=int(rl.epochs),
+        max_sampling_rounds=int(rl.max_sampling_rounds), clip_eps=float(rl.clip_eps),
+        clip_eps_high=None if rl.get("clip_eps_high") is None else float(rl.clip_eps_high),
+        kl_coef=float(rl.kl_coef), temperature=float(st.sampling.temperature), thinking=st.get("thinking"),
+        laser=bool(ls.enabled), laser_alpha=float(ls.alpha), laser_beta=float(ls.beta),
+        laser_coef=float(ls.adv_coef), laser_std_threshold=float(ls.std_threshold),
+        laser_loss_warmup=int(ls.loss_warmup_steps), laser_adv_warmup=int(ls.adv_warmup_steps),
+        c_ref=None if ls.get("c_ref") is None else float(ls.c_ref),
+    )
+
+
+def prompt_items(prompts_cfg, eval_cfg, seed: int) -> list[Any]:
+    """The stage's prompt mixture: ``synthetic`` verifiable tasks (math / logic; never an eval task),
+    ``code`` tasks with hidden tests and ``instruction`` prompts with checkable constraints, each
+    ``weight`` share of ``num_prompts`` (interleaved at random, deterministic per seed)."""
+    total = int(prompts_cfg.num_prompts)
+    sources = {k: v for k, v in prompts_cfg.sources.items() if float(v.weight) > 0}
+    weight_sum = sum(float(v.weight) for v in sources.values())
+    items: list[Any] = []
+    for name, src in sorted(sources.items()):
+        n = max(1, round(total * float(src.weight) / weight_sum))
+        offset = seed + int(src.get("seed_offset", 0))
+        if name == "synthetic":
+            tasks = generate_tasks(list(src.kinds), 2 * n, offset, difficulties=list(src.difficulties))
+            train_side, _ = split_tasks(tasks, float(eval_cfg.held_out_fraction), seed)
+            eval_ids = {t.id for t in eval_tasks(eval_cfg, seed)}
+            items += [t for t in train_side if t.id not in eval_ids][:n]
+        elif name == "code":
+            items += generate_code_tasks(n, offset, difficulties=list(src.difficulties))
+        elif name == "instruction":
+            items += generate_instruction_prompts(n, offset, max_constraints=int(src.max_constraints))
+        else:
+            raise ConfigError(f"prompts.sources.{name}: unknown source; choose synthetic, code or instruction")
+    random.Random(f"rl-mix:{seed}").shuffle(items)
+    return items
+
+
+def _forward_logps(chunks, microbatches: list[dict], forward_step, seq_length: int, mbs: int) -> list:
+    """Per-token log-probs of each micro-batch from a forward-only pass (last pipeline stage; None
+    elsewhere)."""
+    fwd = get_forward_backward_func()
+    data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    with torch.no_grad():
+        out = fwd(forward_step_func=forward_step, data_iterator=data, model=chunks,
+                  num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=mbs,
+                  forward_only=True)
+    moe_aux_losses(1, chunks[0].config.num_layers)  # these forwards are not training's: drop their aux losses
+    return [d["logp"] for d in out] if out else [None] * len(microbatches)
+
+
+def _reference_chunks(ctx: StageContext, tokenizer) -> list:
+    """The frozen reference policy: the stage's model built again, with the parent's weights."""
+    config = model_builder.transformer_config(ctx.model_cfg, ctx.cfg.parallel)
+    vocab = model_builder.padded_vocab_size(model_builder.model_vocab_size(ctx.model_cfg, tokenizer), ctx.env.tp)
+    chunks = model_builder.build_model(ctx.model_cfg, config, vocab)
+    checkpointing.load(Path(ctx.parent_checkpoint), chunks)
+    for c in chunks:
+        c.requires_grad_(False)
+    return chunks
+
+
+def self_reward_eval(batches: RolloutBatches, tasks, seed: int) -> dict[str, Any]:
+    """LaSeR at test time on held-out tasks: ``group_size`` samples each, scored by the self-reward
+    (one extra token), against the verifier: self-verification accuracy on correct and on incorrect
+    answers and their F1 (chance: 0.5 each), and pass@1 / majority / self-reward-weighted majority /
+    best-of-K (:func:`posttrain.inference_scaling.aggregate`)."""
+    st = batches.settings
+    samples = batches.sample(list(tasks), seed)
+    logps = batches.zc_logprobs(samples)
+    per_prompt: dict[str, list[Sample]] = {}
+    for s, lp in zip(samples, logps):
+        answer, _ = extract_answer(batches.tokenizer.detokenize(s.tokens))
+        score = laser.self_reward_score(lp, batches.c_ref or 0.0, st.laser_beta) if s.finished else math.nan
+        per_prompt.setdefault(s.item.id, []).append(
+            Sample(answer=None if answer is None else normalise_answer(answer, s.item.kind),
+                   correct=s.correct >= 1.0, score=score, finished=s.finished))
+    result = aggregate([PromptSamples(pid, group) for pid, group in per_prompt.items()])
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
+
+
+def _reward_by_pass(rollouts: list[dict]) -> dict[str, float]:
+    """Mean reward of each rollout's first draw, per pass over the prompt pool. Rollouts of different
+    passes draw the same prompts in the same order, so passes compare like with like (a rollout's
+    own reward mostly tracks how hard its prompts are)."""
+    by_pass: dict[int, list[float]] = {}
+    for r in rollouts:
+        by_pass.setdefault(int(r["pool_pass"]), []).append(r["first_draw_reward"])
+    full = max(len(v) for v in by_pass.values()) if by_pass else 0
+    return {str(p): round(sum(v) / len(v), 4) for p, v in sorted(by_pass.items()) if len(v) == full}
+
+
+def _loss_summary(sink: dict) -> dict[str, float]:
+    out = {k: sum(v) / len(v) for k, v in sink.items() if isinstance(v, list) and v}
+    if "laser_mse_sum" in sink:
+        out["laser_mse_sum"] = sink["laser_mse_sum"]
+    return out
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, st, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.model_cfg
+    seed = int(cfg.seed)
+    prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    settings = rl_settings(st)
+    c_ref_file = ctx.stage_dir / "laser_c_ref.json"
+    if settings.c_ref is None and c_ref_file.exists():  # estimated by an earlier attempt
+        settings.c_ref = float(json.loads(c_ref_file.read_text())["c_ref"])
+    model = build_stage_model(ctx, tokenizer)
+    seq_length = int(model_cfg.seq_length)
+    train = st.train
+    mbs, gbs = int(train.micro_batch_size), int(train.global_batch_size)
+    sampling = SamplingParams(temperature=settings.temperature, top_p=float(st.sampling.top_p),
+                              top_k=int(st.sampling.top_k), max_new_tokens=int(st.sampling.max_new_tokens),
+                              stop_token_ids=stop_ids(tokenizer))
+    generator = Generator(model.chunks, model.vocab_size, max_batch_size=int(st.sampling.batch_size))
+    holder: dict[str, Any] = {}
+
+    def on_rollout(rollout: int, stats: dict) -> None:
+        trainer = holder["trainer"]
+        if ctx.env.is_main:
+            if settings.c_ref is None and batches.c_ref is not None and not c_ref_file.exists():
+                c_ref_file.write_text(json.dumps({"c_ref": batches.c_ref, "estimated_at_rollout": rollout}))
+            trainer.metrics.write(rollout * batches.updates_per_rollout, stats, split="rollout")
+
+    from megatron.core import parallel_state
+
+    batches = RolloutBatches(
+        items=prompt_items(st.prompts, st.eval, seed), tokenizer=tokenizer, generator=generator,
+        settings=settings, sampling=sampling, seq_length=seq_length, micro_batch_size=mbs,
+        global_batch_size=gbs, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=ctx.env.dp,
+        seed=seed, on_rollout=on_rollout)
+    forward_step = rl_forward_step_factory(settings, batches)
+    ref_chunks = _reference_chunks(ctx, tokenizer) if settings.kl_coef > 0 else None
+
+    def on_trainer(trainer) -> None:
+        holder["trainer"] = trainer
+        batches.logp_fn = lambda micro: _forward_logps(trainer.chunks, micro, forward_step, seq_length, mbs)
+        if ref_chunks is not None:
+            batches.ref_logp_fn = lambda micro: _forward_logps(ref_chunks, micro, forward_step, seq_length, mbs)
+        trainer.step_metrics_fn = lambda: _loss_summary(batches.loss_metrics)
+
+    def accuracy(chunks) -> dict:
+        return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, seed)
+
+    if not ctx.parent_checkpoint:
+        raise ConfigError(f"stages.{ctx.name}: RL starts from a trained policy; put a stage before it in "
+                          f"pipeline.order or set stages.{ctx.name}.init_from")
+    # On-policy needs the trained policy to be the sampled one: routing is dropless in the updates too,
+    # as it is in generation (capacity would drop or re-route tokens differently per micro-batch).
+    with dropless_routing(model.chunks + (ref_chunks or [])):
+        outcome = train_stage(ctx, tokenizer, None, None, forward_step=forward_step, model=model,
+                              initial_metrics=lambda chunks: {"initial_task_accuracy": accuracy(chunks)},
+                              train_batches=batches, on_trainer=on_trainer)
+    trainer = outcome.trainer
+    rollouts = read_metrics(ctx.stage_dir / "metrics" / "metrics.jsonl", split="rollout")
+    final = {
+        **outcome.final_metrics,
+        "task_accuracy": accuracy(trainer.chunks),
+        "reward_by_pool_pass": _reward_by_pass(rollouts),
+        "rollouts": len(rollouts),
+        "c_ref": batches.c_ref,
+    }
+    if settings.laser:
+        held_out = eval_tasks(st.eval, seed)[: int(st.self_reward_eval.num_tasks)]
+        final["self_reward_eval"] = self_reward_eval(batches, held_out, seed + 7)
+    return StageResult(
+        checkpoint=outcome.checkpoint,
+        steps=trainer.state.step,
+        tokens_seen=trainer.state.tokens_seen,
+        final_metrics=final,
+        data_fingerprint=None,
+        extra={"rl": {"updates_per_rollout": batches.updates_per_rollout, "prompts": len(batches.items),
+                      "kl_coef": settings.kl_coef, "laser": settings.laser},
+               "expert_lr_scale": outcome.expert_lr_scale},
+    )
