@@ -10,4 +10,5 @@ STAGE_KINDS = {
     "cot_fusion": "posttrain.cot_fusion_stage",
     "deliberation": "posttrain.deliberation_stage",
     "rl": "posttrain.rl_stage",
+    "evaluate": "posttrain.evaluate_stage",
 }

@@ -274,6 +274,20 @@ def validate_rl_stage(name: str, st: Mapping, order: list[str]) -> None:
         raise ConfigError(f"{prefix}.sampling.temperature={temperature!r}: RL samples from the policy; use > 0")
 
 
+def validate_evaluate_stage(name: str, st: Mapping, order: list[str]) -> None:
+    from data_pipelines.eval_sets import EVAL_SETS
+
+    prefix = f"stages.{name}"
+    if order.index(name) == 0 and not st.get("init_from"):
+        raise ConfigError(f"{prefix}: nothing to evaluate; put a stage before it in pipeline.order or set "
+                          f"{prefix}.init_from to a checkpoint")
+    _positive_int(st.get("k"), f"{prefix}.k")
+    _positive_int(st.get("max_problems"), f"{prefix}.max_problems")
+    unknown = [s for s in st.get("sets") or [] if s not in EVAL_SETS]
+    if unknown:
+        raise ConfigError(f"{prefix}.sets: unknown {unknown}; choose from {list(EVAL_SETS)}")
+
+
 def validate(cfg: Mapping) -> dict[str, int]:
     """Raise :class:`ConfigError` on the first problem; return the derived parallel sizes."""
     sizes = validate_parallel(cfg["model"], cfg["parallel"])
@@ -312,6 +326,9 @@ def validate(cfg: Mapping) -> dict[str, int]:
                 f"stages.{name}.init_from={init_from!r}: parent checkpoint not found; point it at a "
                 f"checkpoint folder (e.g. <run_dir>/01_pretrain/checkpoints/iter_0000300) or set null"
             )
+        if kind == "evaluate":
+            validate_evaluate_stage(name, st, order)
+            continue  # trains nothing: no train section
         validate_train(st["train"], f"stages.{name}.train", sizes["dp"], sizes["pp"],
                        cfg["parallel"].get("virtual_pipeline_model_parallel_size"))
         model = stage_model_config(cfg, name)

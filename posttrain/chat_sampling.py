@@ -39,6 +39,11 @@ def response_text(tokenizer, generation: Generation) -> str:
     return tokenizer.detokenize(tokens)
 
 
+def prompt_text(item) -> str:
+    """What the user asks: ``.prompt`` of tasks and prompts, ``.problem`` of evaluation-set items."""
+    return item.prompt if hasattr(item, "prompt") else item.problem
+
+
 def prompt_ids(tokenizer, prompt: str, thinking: str | None, prefix: str = "") -> list[int]:
     ids = format_prompt([{"role": "user", "content": prompt}], tokenizer, thinking=thinking)
     return ids + (tokenizer.tokenize(prefix) if prefix else [])

@@ -35,7 +35,7 @@ from data_pipelines import special_tokens
 from data_pipelines.verifiers import verify_batch
 from megatron_ext.generation import Generator, SamplingParams
 from posttrain import grpo, laser
-from posttrain.chat_sampling import prompt_ids, response_text
+from posttrain.chat_sampling import prompt_ids, prompt_text, response_text
 
 
 @dataclass
@@ -160,7 +160,7 @@ class RolloutBatches:
 
     def _sample_groups(self, items: Sequence[Any], seed: int, first_group: int) -> list[list[Sample]]:
         st = self.settings
-        prompts = [prompt_ids(self.tokenizer, it.prompt, st.thinking) for it in items]
+        prompts = [prompt_ids(self.tokenizer, prompt_text(it), st.thinking) for it in items]
         flat = self.generator.generate_sharded([p for p in prompts for _ in range(st.group_size)],
                                                self.sampling, seed=seed)
         texts = [response_text(self.tokenizer, g) for g in flat]

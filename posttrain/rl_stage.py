@@ -22,19 +22,16 @@ tasks (:func:`self_reward_eval`).
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any
 
-import torch
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from data_pipelines.code_tasks import generate_code_tasks
 from data_pipelines.instruction_prompts import generate_instruction_prompts
 from data_pipelines.prepare import prepare_data
 from data_pipelines.tokenizer import load_tokenizer
-from data_pipelines.verifiable_tasks import extract_answer, generate_tasks, normalise_answer, split_tasks
+from data_pipelines.verifiable_tasks import generate_tasks, split_tasks
 from megatron_ext import checkpointing, model_builder
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator, SamplingParams
@@ -42,11 +39,9 @@ from megatron_ext.metrics import read_metrics
 from megatron_ext.models.recycle_routing import dropless_routing
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.stage_training import build_stage_model, train_stage
-from megatron_ext.trainer import moe_aux_losses
-from posttrain import laser
 from posttrain.chat_sampling import eval_tasks, stage_task_accuracy, stop_ids
-from posttrain.inference_scaling import PromptSamples, Sample, aggregate
 from posttrain.rl_rollouts import RLSettings, RolloutBatches, rl_forward_step_factory
+from posttrain.self_reward_eval import forward_logps, self_reward_eval
 
 
 def rl_settings(st) -> RLSettings:
@@ -89,19 +84,6 @@ def prompt_items(prompts_cfg, eval_cfg, seed: int) -> list[Any]:
     return items
 
 
-def _forward_logps(chunks, microbatches: list[dict], forward_step, seq_length: int, mbs: int) -> list:
-    """Per-token log-probs of each micro-batch from a forward-only pass (last pipeline stage; None
-    elsewhere)."""
-    fwd = get_forward_backward_func()
-    data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
-    with torch.no_grad():
-        out = fwd(forward_step_func=forward_step, data_iterator=data, model=chunks,
-                  num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=mbs,
-                  forward_only=True)
-    moe_aux_losses(1, chunks[0].config.num_layers)  # these forwards are not training's: drop their aux losses
-    return [d["logp"] for d in out] if out else [None] * len(microbatches)
-
-
 def _reference_chunks(ctx: StageContext, tokenizer) -> list:
     """The frozen reference policy: the stage's model built again, with the parent's weights."""
     config = model_builder.transformer_config(ctx.model_cfg, ctx.cfg.parallel)
@@ -111,25 +93,6 @@ def _reference_chunks(ctx: StageContext, tokenizer) -> list:
     for c in chunks:
         c.requires_grad_(False)
     return chunks
-
-
-def self_reward_eval(batches: RolloutBatches, tasks, seed: int) -> dict[str, Any]:
-    """LaSeR at test time on held-out tasks: ``group_size`` samples each, scored by the self-reward
-    (one extra token), against the verifier: self-verification accuracy on correct and on incorrect
-    answers and their F1 (chance: 0.5 each), and pass@1 / majority / self-reward-weighted majority /
-    best-of-K (:func:`posttrain.inference_scaling.aggregate`)."""
-    st = batches.settings
-    samples = batches.sample(list(tasks), seed)
-    logps = batches.zc_logprobs(samples)
-    per_prompt: dict[str, list[Sample]] = {}
-    for s, lp in zip(samples, logps):
-        answer, _ = extract_answer(batches.tokenizer.detokenize(s.tokens))
-        score = laser.self_reward_score(lp, batches.c_ref or 0.0, st.laser_beta) if s.finished else math.nan
-        per_prompt.setdefault(s.item.id, []).append(
-            Sample(answer=None if answer is None else normalise_answer(answer, s.item.kind),
-                   correct=s.correct >= 1.0, score=score, finished=s.finished))
-    result = aggregate([PromptSamples(pid, group) for pid, group in per_prompt.items()])
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
 
 
 def _reward_by_pass(rollouts: list[dict]) -> dict[str, float]:
@@ -157,8 +120,16 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
     settings = rl_settings(st)
     c_ref_file = ctx.stage_dir / "laser_c_ref.json"
+    parent_c_ref = Path(ctx.parent_checkpoint).parents[1] / "laser_c_ref.json" if ctx.parent_checkpoint else None
     if settings.c_ref is None and c_ref_file.exists():  # estimated by an earlier attempt
         settings.c_ref = float(json.loads(c_ref_file.read_text())["c_ref"])
+    elif settings.c_ref is None and parent_c_ref is not None and parent_c_ref.exists():
+        # Stage II continues stage I's self-reward: c_ref stands for the *reference* model's log-prob,
+        # so it stays the constant stage I trained the score against (re-estimating it from the RL'd
+        # policy would shift every score).
+        settings.c_ref = float(json.loads(parent_c_ref.read_text())["c_ref"])
+        if ctx.env.is_main:
+            c_ref_file.write_text(json.dumps({"c_ref": settings.c_ref, "inherited_from": str(parent_c_ref)}))
     model = build_stage_model(ctx, tokenizer)
     seq_length = int(model_cfg.seq_length)
     train = st.train
@@ -188,9 +159,9 @@ def run(ctx: StageContext) -> StageResult:
 
     def on_trainer(trainer) -> None:
         holder["trainer"] = trainer
-        batches.logp_fn = lambda micro: _forward_logps(trainer.chunks, micro, forward_step, seq_length, mbs)
+        batches.logp_fn = lambda micro: forward_logps(trainer.chunks, micro, forward_step, seq_length, mbs)
         if ref_chunks is not None:
-            batches.ref_logp_fn = lambda micro: _forward_logps(ref_chunks, micro, forward_step, seq_length, mbs)
+            batches.ref_logp_fn = lambda micro: forward_logps(ref_chunks, micro, forward_step, seq_length, mbs)
         trainer.step_metrics_fn = lambda: _loss_summary(batches.loss_metrics)
 
     def accuracy(chunks) -> dict:

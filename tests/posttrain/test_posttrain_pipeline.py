@@ -17,7 +17,7 @@ import pytest
 from data_pipelines.verifiable_tasks import generate_tasks, verify
 from launch.config import load_config
 
-STAGES = ["sft", "cot_fusion", "deliberation_1", "deliberation_2", "rl_stem", "rl_general"]
+STAGES = ["sft", "cot_fusion", "deliberation_1", "deliberation_2", "rl_stem", "rl_general", "evaluate"]
 TASKS = ["stages.{s}.eval.kinds=[comparison]", "stages.{s}.eval.difficulties=[1]",
          "stages.{s}.eval.num_tasks=400", "stages.{s}.eval.max_eval_tasks=24"]
 SAMPLING = ["stages.{s}.prompts.kinds=[comparison]", "stages.{s}.prompts.difficulties=[1]",
@@ -39,8 +39,9 @@ OVERRIDES = [
     "stages.deliberation_1.budget=24", "stages.deliberation_2.budget=24",
     *[o.format(s=s) for s in STAGES for o in TASKS],
     *[o.format(s=s) for s in STAGES[1:4] for o in SAMPLING],
-    *[o.format(s=s) for s in STAGES[1:] for o in TRAIN],
-    *[o.format(s=s) for s in STAGES[4:] for o in RL],
+    *[o.format(s=s) for s in STAGES[1:6] for o in TRAIN],
+    *[o.format(s=s) for s in STAGES[4:6] for o in RL],
+    "stages.evaluate.k=2", "stages.evaluate.max_problems=4", "stages.evaluate.sets=[amc23]",
     "stages.rl_general.prompts.sources.instruction.weight=0.5",
 ]
 
@@ -64,7 +65,7 @@ def tasks_by_id(n: int = 40, seed_offset: int = 1) -> dict:
 
 
 def test_every_stage_completes_and_reports_task_accuracy(run):
-    for i, name in enumerate(STAGES):
+    for i, name in enumerate(STAGES[:-1]):
         m = manifest(run, i)
         assert m["status"] == "complete", name
         assert (run / f"{i + 1:02d}_{name}" / m["checkpoint"] / "metadata.json").exists()
@@ -139,10 +140,29 @@ def test_rl_stages_log_rollouts_and_the_self_reward(run, index):
         assert 0 <= r["reward_mean"] <= 1 and r["kept_groups"] <= 4
         assert r["c_ref"] == fm["c_ref"]
     assert all("kl" in u and "clip_frac" in u and math.isfinite(u["loss"]) for u in updates)
-    # c_ref is estimated once, from the first rollout, and kept for resumes
+    # c_ref is estimated once, from stage I's first rollout, kept for resumes and inherited by stage II
     c_ref = json.loads((folder / "laser_c_ref.json").read_text())
-    assert c_ref == {"c_ref": fm["c_ref"], "estimated_at_rollout": 0} and fm["c_ref"] < 0
+    stem = json.loads((run / "05_rl_stem" / "laser_c_ref.json").read_text())
+    assert stem["estimated_at_rollout"] == 0 and stem["c_ref"] < 0
+    assert c_ref["c_ref"] == fm["c_ref"] == stem["c_ref"]
     ev = fm["self_reward_eval"]
     assert ev["n_prompts"] == 6 and ev["k"] == 4
     assert 0 <= ev["pass_at_1"] <= ev["pass_at_k"] <= 1
     assert list(fm["reward_by_pool_pass"]) and fm["task_accuracy"]["n"] == 24
+
+
+def test_evaluate_writes_the_scaling_table_and_hands_on_the_checkpoint(run):
+    m = manifest(run, 6)
+    assert m["status"] == "complete" and m["steps"] == 0
+    assert (run / "07_evaluate" / "checkpoint").resolve() == (run / "06_rl_general" / manifest(run, 5)["checkpoint"]).resolve()
+    results = m["final_metrics"]["evaluation"]
+    assert set(results) == {"synthetic", "amc23"}
+    synthetic = results["synthetic"]
+    assert synthetic["n_prompts"] == 4 and synthetic["k"] == 2 and synthetic["skipped_too_long"] == 0
+    assert synthetic["pass_at_1"] <= synthetic["pass_at_k"]
+    assert results["amc23"]["n_prompts"] + results["amc23"]["skipped_too_long"] == 4
+    table = (run / "evaluation.txt").read_text()
+    for column in ("pass@1", "maj@K", "weighted maj@K", "best-of-K", "self-verify F1"):
+        assert column in table
+    evaluation = json.loads((run / "07_evaluate" / "evaluation.json").read_text())
+    assert evaluation["c_ref"] == manifest(run, 5)["final_metrics"]["c_ref"]

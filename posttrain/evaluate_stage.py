@@ -1,0 +1,118 @@
+"""Evaluate stage: inference-time scaling with the LaSeR self-reward on any checkpoint (no training).
+
+For each prompt, ``k`` answers are sampled and each is scored by the self-reward (one extra forward
+position: the log-prob of ``z_c`` after the answer's end of turn, ``beta * (log p - c_ref)``). The
+report, per evaluation set: pass@1, majority voting, self-reward-weighted majority voting,
+self-reward best-of-K, pass@K, and the self-verification accuracy on correct and on incorrect answers
+with their F1 (:mod:`posttrain.self_reward_eval`). Sets: the held-out synthetic tasks
+(``eval/synthetic_tasks``) and the math sets of ``data_pipelines.eval_sets`` (``sets``; each capped to
+``max_problems`` on CPUs), checked by ``data_pipelines.verifiers`` (math answers with math-verify).
+Prompts too long for ``seq_length`` with ``max_new_tokens`` of answer are skipped and counted.
+
+It evaluates its parent's checkpoint (``init_from`` or the previous stage) and hands that same
+checkpoint on (``checkpoint`` in the stage folder is a link to it). ``c_ref`` is the constant the
+self-reward was trained with: from the config, else the parent stage's ``laser_c_ref.json``.
+Writes ``evaluation.json`` and ``evaluation.txt`` in the stage folder and ``evaluation.txt`` in the run
+folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from megatron.core import parallel_state
+
+from data_pipelines.eval_sets import answers_equivalent, load_eval_set
+from data_pipelines.prepare import prepare_data
+from data_pipelines.tokenizer import load_tokenizer
+from megatron_ext import checkpointing, model_builder
+from megatron_ext.errors import ConfigError
+from megatron_ext.generation import Generator, SamplingParams
+from megatron_ext.models.recycle_routing import dropless_routing
+from megatron_ext.stage import StageContext, StageResult
+from posttrain.chat_sampling import eval_tasks, prompt_ids, prompt_text, stop_ids
+from posttrain.inference_scaling import format_table
+from posttrain.rl_rollouts import RLSettings, RolloutBatches, rl_forward_step_factory
+from posttrain.self_reward_eval import forward_logps, self_reward_eval
+
+
+def _c_ref(ctx: StageContext) -> float:
+    configured = ctx.stage_cfg.laser.get("c_ref")
+    if configured is not None:
+        return float(configured)
+    path = Path(ctx.parent_checkpoint).parents[1] / "laser_c_ref.json"
+    if not path.exists():
+        raise ConfigError(f"stages.{ctx.name}.laser.c_ref is null and {path} does not exist: evaluate a "
+                          f"checkpoint of an RL stage, or set stages.{ctx.name}.laser.c_ref")
+    return float(json.loads(path.read_text())["c_ref"])
+
+
+def _link_checkpoint(stage_dir: Path, target: Path) -> Path:
+    link = stage_dir / "checkpoint"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(Path(target).resolve(), link)
+    return link
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, st, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.model_cfg
+    if not ctx.parent_checkpoint:
+        raise ConfigError(f"stages.{ctx.name}: nothing to evaluate; put a stage before it in pipeline.order "
+                          f"or set stages.{ctx.name}.init_from to a checkpoint")
+    seed = int(cfg.seed)
+    prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    config = model_builder.transformer_config(model_cfg, cfg.parallel)
+    vocab = model_builder.model_vocab_size(model_cfg, tokenizer)
+    chunks = model_builder.build_model(model_cfg, config, model_builder.padded_vocab_size(vocab, ctx.env.tp))
+    checkpointing.load(Path(ctx.parent_checkpoint), chunks)
+    k, mbs = int(st.k), int(st.micro_batch_size)
+    settings = RLSettings(groups=1, group_size=k, epochs=1, max_sampling_rounds=1, clip_eps=0.2, clip_eps_high=None,
+                          kl_coef=0.0, temperature=float(st.sampling.temperature), thinking=st.get("thinking"),
+                          laser=True, laser_alpha=0.0, laser_beta=float(st.laser.beta), laser_coef=0.0,
+                          laser_std_threshold=0.0, laser_loss_warmup=0, laser_adv_warmup=0, c_ref=_c_ref(ctx))
+    sampling = SamplingParams(temperature=settings.temperature, top_p=float(st.sampling.top_p),
+                              top_k=int(st.sampling.top_k), max_new_tokens=int(st.sampling.max_new_tokens),
+                              stop_token_ids=stop_ids(tokenizer))
+    generator = Generator(chunks, vocab, max_batch_size=int(st.sampling.batch_size))
+    seq_length = int(model_cfg.seq_length)
+    batches = RolloutBatches(items=[], tokenizer=tokenizer, generator=generator, settings=settings,
+                             sampling=sampling, seq_length=seq_length, micro_batch_size=mbs, global_batch_size=k,
+                             dp_rank=parallel_state.get_data_parallel_rank(), dp_size=1, seed=seed)
+    forward_step = rl_forward_step_factory(settings, batches)
+    batches.logp_fn = lambda micro: forward_logps(chunks, micro, forward_step, seq_length, mbs)
+
+    sets = {"synthetic": (eval_tasks(st.eval, seed)[: int(st.max_problems)], None)}
+    for name in st.sets:
+        sets[name] = (load_eval_set(name, st.get("eval_dir"), limit=int(st.max_problems)), answers_equivalent)
+    results = {}
+    room = seq_length - int(st.sampling.max_new_tokens) - 1  # prompt + answer + z_c must fit a row
+    with dropless_routing(chunks):
+        for i, (name, (items, equivalent)) in enumerate(sets.items()):
+            fits = [it for it in items if len(prompt_ids(tokenizer, prompt_text(it), settings.thinking)) <= room]
+            if not fits:
+                results[name] = {"n_prompts": 0, "skipped_too_long": len(items)}
+                continue
+            results[name] = {**self_reward_eval(batches, fits, seed + 1000 * i, equivalent=equivalent),
+                             "skipped_too_long": len(items) - len(fits)}
+    table = format_table({name: r for name, r in results.items() if r["n_prompts"]})
+    skipped = {name: r["skipped_too_long"] for name, r in results.items() if r["skipped_too_long"]}
+    if skipped:
+        table += f"\nskipped (prompt too long for seq_length {seq_length}): {skipped}"
+    if ctx.env.is_main:
+        (ctx.stage_dir / "evaluation.json").write_text(json.dumps(
+            {"checkpoint": str(ctx.parent_checkpoint), "k": k, "c_ref": settings.c_ref, "results": results},
+            indent=1))
+        for folder in (ctx.stage_dir, ctx.run_dir):
+            (folder / "evaluation.txt").write_text(
+                f"checkpoint {ctx.parent_checkpoint}, k={k}, temperature {settings.temperature}\n{table}\n")
+        print(table, flush=True)
+        link = _link_checkpoint(ctx.stage_dir, Path(ctx.parent_checkpoint))
+    else:
+        link = ctx.stage_dir / "checkpoint"
+    return StageResult(checkpoint=link, steps=0, tokens_seen=0,
+                       final_metrics={"evaluation": results, "generation": generator.stats.as_dict()},
+                       data_fingerprint=None, extra={"evaluated_checkpoint": str(ctx.parent_checkpoint)})
