@@ -36,6 +36,7 @@ from data_pipelines.verifiers import verify_batch
 from megatron_ext.generation import Generator, SamplingParams
 from posttrain import grpo, laser
 from posttrain.chat_sampling import prompt_ids, prompt_text, response_text
+from posttrain.cot_fusion import compression_reward, mode_reward
 
 
 @dataclass
@@ -59,6 +60,8 @@ class RLSettings:
     laser_loss_warmup: int       # updates before the self-reward loss starts
     laser_adv_warmup: int        # updates (after the loss starts) before advantages integrate it
     c_ref: float | None          # None: estimated from the first rollout (the initial policy)
+    mode_reward: dict | None = None      # {easy_threshold, bonus[, penalty]}: half of each group long-CoT
+    compression_weight: float = 0.0      # long-CoT compression reward weight (0: off)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Sample:
     reward: float                # what the advantages use: the verifier's plus any extra terms
     correct: float               # the verifier's reward r_v in {0, 1}: LaSeR's target
     reason: str
+    mode: str | None = None      # the thinking mode it was sampled in
     advantage: float = 0.0
     score: float = math.nan      # self-reward r_s under the behaviour policy
 
@@ -124,7 +128,7 @@ class RolloutBatches:
 
     def __init__(self, *, items: Sequence[Any], tokenizer, generator: Generator, settings: RLSettings,
                  sampling: SamplingParams, seq_length: int, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, reward_fn: Callable | None = None,
+                 dp_rank: int, dp_size: int, seed: int,
                  on_rollout: Callable[[int, dict], None] | None = None):
         per_rollout = settings.groups * settings.group_size
         if per_rollout % global_batch_size:
@@ -138,7 +142,6 @@ class RolloutBatches:
         self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
         self.minibatches = per_rollout // global_batch_size
         self.updates_per_rollout = self.minibatches * settings.epochs
-        self.reward_fn = reward_fn
         self.on_rollout = on_rollout
         self.zc = tokenizer.special_id(special_tokens.SELF_REWARD)
         self.c_ref = settings.c_ref
@@ -158,24 +161,40 @@ class RolloutBatches:
             self._cursor += 1
         return out
 
-    def _sample_groups(self, items: Sequence[Any], seed: int, first_group: int) -> list[list[Sample]]:
+    def _modes(self) -> list[str | None]:
+        """Each group member's thinking mode: the stage's, or half short / half long when the
+        difficulty-adaptive mode reward is on (the group's pass rate then says which mode it wants)."""
         st = self.settings
-        prompts = [prompt_ids(self.tokenizer, prompt_text(it), st.thinking) for it in items]
-        flat = self.generator.generate_sharded([p for p in prompts for _ in range(st.group_size)],
+        if st.mode_reward:
+            return ["short" if j % 2 == 0 else "long" for j in range(st.group_size)]
+        return [st.thinking] * st.group_size
+
+    def _sample_groups(self, items: Sequence[Any], seed: int, first_group: int) -> list[list[Sample]]:
+        """``group_size`` responses per item, rewarded: the verifier's r_v plus, when configured, the
+        CoT-fusion terms (:func:`posttrain.cot_fusion.mode_reward`, :func:`compression_reward`)."""
+        st = self.settings
+        modes = self._modes()
+        prompts = [[prompt_ids(self.tokenizer, prompt_text(it), m) for m in modes] for it in items]
+        flat = self.generator.generate_sharded([p for per_item in prompts for p in per_item],
                                                self.sampling, seed=seed)
         texts = [response_text(self.tokenizer, g) for g in flat]
         verdicts = verify_batch([it for it in items for _ in range(st.group_size)], texts)
         groups = []
         for gi, item in enumerate(items):
-            group = []
-            for j in range(st.group_size):
-                i = gi * st.group_size + j
-                reward = verdicts[i].reward
-                if self.reward_fn is not None:
-                    reward = reward + self.reward_fn(item, texts[i], flat[i])
-                group.append(Sample(first_group + gi, item, prompts[gi], flat[i].tokens, flat[i].finished,
-                                    reward, verdicts[i].reward, verdicts[i].reason))
-            groups.append(group)
+            span = range(gi * st.group_size, (gi + 1) * st.group_size)
+            correct = [verdicts[i].reward for i in span]
+            extra = [0.0] * st.group_size
+            if st.mode_reward:
+                pass_rate = sum(c >= 1.0 for c in correct) / len(correct)
+                extra = [e + mode_reward(pass_rate, m, **st.mode_reward) for e, m in zip(extra, modes)]
+            if st.compression_weight:
+                lengths = [len(flat[i].tokens) for i in span]
+                comp = compression_reward([c >= 1.0 for c in correct], lengths, [0] * len(lengths),
+                                          weight=st.compression_weight)
+                extra = [e + c for e, c in zip(extra, comp)]
+            groups.append([Sample(first_group + gi, item, prompts[gi][j], flat[i].tokens, flat[i].finished,
+                                  correct[j] + extra[j], correct[j], verdicts[i].reason, modes[j])
+                           for j, i in enumerate(span)])
         return groups
 
     def _collect(self, rollout: int) -> tuple[list[Sample], dict]:
@@ -189,13 +208,13 @@ class RolloutBatches:
             groups = self._sample_groups(self._draw(st.groups), self.seed + 1000 * rollout + round_,
                                          first_group=round_ * st.groups)
             if round_ == 0:  # the same prompts every pass over the pool: comparable across passes
-                stats["first_draw_reward"] = sum(s.reward for g in groups for s in g) / (len(groups) * st.group_size)
+                stats["first_draw_reward"] = sum(s.correct for g in groups for s in g) / (len(groups) * st.group_size)
                 stats["pool_pass"] = rollout * st.groups * st.max_sampling_rounds // len(self.items)
             for group in groups:
                 all_samples += group
                 rewards = torch.tensor([s.reward for s in group])
                 if bool((rewards == rewards[0]).all()):
-                    stats["all_pass" if rewards[0] >= 1.0 else "all_fail"] += 1
+                    stats["all_pass" if group[0].correct >= 1.0 else "all_fail"] += 1
                     dropped.append(group)
                 else:
                     kept.append(group)
@@ -213,6 +232,7 @@ class RolloutBatches:
         all_rewards = [s.reward for s in all_samples]
         stats.update({
             "reward_mean": sum(all_rewards) / len(all_rewards),
+            "verifier_reward_mean": sum(s.correct for s in all_samples) / len(all_samples),
             "trained_reward_mean": float(rewards.mean()),
             "finished": sum(s.finished for s in all_samples) / len(all_samples),
             "response_tokens": sum(len(s.tokens) for s in all_samples) / len(all_samples),

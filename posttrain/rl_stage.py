@@ -55,6 +55,8 @@ def rl_settings(st) -> RLSettings:
         laser_coef=float(ls.adv_coef), laser_std_threshold=float(ls.std_threshold),
         laser_loss_warmup=int(ls.loss_warmup_steps), laser_adv_warmup=int(ls.adv_warmup_steps),
         c_ref=None if ls.get("c_ref") is None else float(ls.c_ref),
+        mode_reward=dict(st.rewards.mode) if (st.get("rewards") or {}).get("mode") else None,
+        compression_weight=float((st.get("rewards") or {}).get("compression_weight") or 0.0),
     )
 
 

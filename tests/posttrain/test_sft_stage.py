@@ -8,31 +8,12 @@ import torch
 
 from data_pipelines.chat_format import format_chat
 from data_pipelines.packing import IGNORE_LABEL, pack_examples
-from data_pipelines.prepare import prepare_data
 from data_pipelines.tokenizer import load_tokenizer
 from data_pipelines.verifiable_tasks import generate_tasks
 from posttrain.sft_data import PackedSFTDataset, sft_inputs
 from posttrain.sft_stage import sft_examples, task_conversation
 
 WORKER = Path(__file__).with_name("sft_forward_worker.py")
-
-SMALL_DATA = {
-    "name": "tiny_synthetic",
-    "tokenizer": {"path": None, "vocab_size": 512},
-    "sources": {
-        "prose": {"generator": "prose", "num_docs": 300},
-        "arithmetic": {"generator": "arithmetic", "num_docs": 300},
-        "code": {"generator": "code", "num_docs": 200},
-    },
-    "mixes": {"main": {"prose": 0.6, "arithmetic": 0.2, "code": 0.2}},
-    "split": "95,5,0",
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    return prepare_data(SMALL_DATA, tmp_path_factory.mktemp("sft") / "data", seed=0).tokenizer_dir
-
 
 def test_fed_loss_mask_is_format_chats_assistant_mask_shifted(tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)

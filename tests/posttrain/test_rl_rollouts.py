@@ -1,0 +1,113 @@
+"""RL rollouts without a model: reward terms, prompt filtering / dynamic sampling, and the row layout.
+
+A scripted generator stands in for the policy: it answers each task correctly or not by a rule, so
+every reward, advantage and drop is known in advance.
+"""
+
+import pytest
+import torch
+
+from data_pipelines import special_tokens
+from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.verifiable_tasks import generate_tasks
+from megatron_ext.generation import Generation, SamplingParams
+from posttrain.chat_sampling import prompt_ids
+from posttrain.rl_rollouts import RLSettings, RolloutBatches
+
+BASE = dict(groups=2, group_size=4, epochs=1, max_sampling_rounds=1, clip_eps=0.2, clip_eps_high=None,
+            kl_coef=0.0, temperature=1.0, thinking="short", laser=True, laser_alpha=0.1, laser_beta=0.1,
+            laser_coef=0.1, laser_std_threshold=0.1, laser_loss_warmup=0, laser_adv_warmup=0, c_ref=-5.0)
+
+
+class ScriptedGenerator:
+    """``correct(task, mode, j)`` decides each answer; long-mode answers carry extra words."""
+
+    def __init__(self, tokenizer, tasks, correct):
+        self.tok, self.correct = tokenizer, correct
+        self.by_prompt = {}
+        for t in tasks:
+            for mode in ("short", "long"):
+                self.by_prompt[tuple(prompt_ids(tokenizer, t.prompt, mode))] = (t, mode)
+        self.calls = 0
+
+    def generate_sharded(self, prompts, params, seed=0):
+        self.calls += 1
+        out, seen = [], {}
+        for p in prompts:
+            task, mode = self.by_prompt[tuple(p)]
+            j = seen[task.id, mode] = seen.get((task.id, mode), -1) + 1
+            wrong = task.solution.replace(f"\\boxed{{{task.answer}}}", "\\boxed{wrong}")
+            text = task.solution if self.correct(task, mode, j) else wrong
+            if mode == "long":
+                text = "Let me think about this slowly and carefully. " + text
+            tokens = self.tok.tokenize(text) + [self.tok.special_id(special_tokens.END_OF_TURN)]
+            out.append(Generation(tokens, [0.0] * len(tokens), True))
+        return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def batches(tokenizer, tasks, correct, **settings):
+    gen = ScriptedGenerator(tokenizer, tasks, correct)
+    st = RLSettings(**{**BASE, **settings})
+    return RolloutBatches(items=tasks, tokenizer=tokenizer, generator=gen, settings=st,
+                          sampling=SamplingParams(max_new_tokens=64), seq_length=256, micro_batch_size=2,
+                          global_batch_size=st.groups * st.group_size, dp_rank=0, dp_size=1, seed=0)
+
+
+def test_mode_and_compression_rewards_join_the_verifier_reward(tokenizer):
+    easy, hard = generate_tasks(["comparison"], 2, seed=3, difficulties=[1])
+    # easy: always right (pass rate 1: short preferred); hard: right only on the first long answer
+    rb = batches(tokenizer, [easy, hard], lambda t, mode, j: t.id == easy.id or (mode == "long" and j == 0),
+                 mode_reward={"easy_threshold": 0.5, "bonus": 0.1}, compression_weight=0.2)
+    groups = rb._sample_groups([easy, hard], seed=0, first_group=0)
+    g_easy, g_hard = groups
+    assert [s.mode for s in g_easy] == ["short", "long", "short", "long"]
+    # easy: every answer correct; short ones get the mode bonus and, being shorter, the full compression
+    assert [s.correct for s in g_easy] == [1.0] * 4
+    assert [s.reward for s in g_easy] == pytest.approx([1 + 0.1 + 0.2, 1 + 0.0 + 0.0] * 2)
+    # hard (pass rate 1/4 < 0.5): long is preferred; its one correct answer is the only one compressed
+    assert [s.correct for s in g_hard] == [0.0, 1.0, 0.0, 0.0]
+    assert [s.reward for s in g_hard] == pytest.approx([0.0, 1 + 0.1 + 0.2, 0.0, 0.1])
+
+
+def test_filtering_drops_uniform_groups_and_fills_only_when_it_must(tokenizer):
+    tasks = generate_tasks(["comparison"], 6, seed=5, difficulties=[1])
+    mixed = {tasks[1].id, tasks[4].id}
+    rb = batches(tokenizer, tasks, lambda t, mode, j: (t.id in mixed and j % 2 == 0) or t.id == tasks[0].id,
+                 max_sampling_rounds=3)
+    samples, stats = rb._collect(rollout=0)
+    # the pool is shuffled once per seed: replay its draws of 2 prompts a round by hand
+    draws = [rb.items[i:i + 2] for i in range(0, 6, 2)]
+    rounds = next(r + 1 for r in range(3) if sum(t.id in mixed for d in draws[:r + 1] for t in d) >= 2)
+    drawn = [t for d in draws[:rounds] for t in d]
+    assert stats["sampling_rounds"] == rounds and stats["kept_groups"] == 2
+    assert stats["filled_with_zero_advantage"] == 0
+    assert stats["all_pass"] == sum(t.id == tasks[0].id for t in drawn)
+    assert stats["all_fail"] == len(drawn) - 2 - stats["all_pass"]
+    assert {s.item.id for s in samples} == mixed
+    adv = torch.tensor([s.advantage for s in samples])
+    assert adv.sum().abs() < 1e-9 and (adv != 0).all()  # group-normalised, none zero
+    only_uniform = batches(tokenizer, tasks[2:4], lambda t, mode, j: False, max_sampling_rounds=1)
+    samples, stats = only_uniform._collect(rollout=0)
+    assert stats["filled_with_zero_advantage"] == 2 and all(s.advantage == 0 for s in samples)
+
+
+def test_rows_put_the_self_reward_token_after_the_end_of_turn(tokenizer):
+    tasks = generate_tasks(["comparison"], 2, seed=7, difficulties=[1])
+    rb = batches(tokenizer, tasks, lambda t, mode, j: j == 0)
+    sample = rb._sample_groups(tasks[:1], seed=0, first_group=0)[0][0]
+    row = rb._row(sample, 0)
+    p, r = len(sample.prompt), len(sample.tokens)
+    ids = sample.prompt + sample.tokens + [tokenizer.special_id(special_tokens.SELF_REWARD)]
+    assert row["tokens"][: p + r].tolist() == ids[:-1]
+    assert row["labels"][: p + r].tolist() == ids[1:]
+    resp = row["response_mask"].nonzero().flatten().tolist()
+    assert resp == list(range(p - 1, p - 1 + r))  # exactly the labels that are response tokens
+    assert row["zc_mask"].nonzero().flatten().tolist() == [p - 1 + r]
+    assert row["labels"][p - 1 + r] == tokenizer.special_id(special_tokens.SELF_REWARD)
+    unfinished = type(sample)(**{**sample.__dict__, "finished": False})
+    assert rb._row(unfinished, 0)["zc_mask"].sum() == 0  # no eos, no z_c
