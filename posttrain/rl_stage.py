@@ -13,8 +13,8 @@ parent's weights) is built and kept; with 0 it is never loaded. LaSeR's ``c_ref`
 from the first rollout (the initial policy is the reference then) unless configured, and saved with
 the stage, so a resumed attempt uses the same constant.
 
-Reported: per-rollout metrics (``metrics/rollout.jsonl``: reward, filtering, self-verification of the
-rollout), per-update metrics (loss, KL, clip fraction), and in the manifest the reward of the first
+Reported: per-rollout metrics (split ``rollout`` of ``metrics/metrics.jsonl``: reward, filtering,
+self-verification of the rollout), sample responses with the verifier's reasons (``rollouts.jsonl``), per-update metrics (loss, KL, clip fraction), and in the manifest the reward of the first
 and last rollouts, task accuracy before and after, and the self-reward's verification F1 on held-out
 tasks (:func:`self_reward_eval`).
 """
@@ -108,6 +108,17 @@ def _reward_by_pass(rollouts: list[dict]) -> dict[str, float]:
     return {str(p): round(sum(v) / len(v), 4) for p, v in sorted(by_pass.items()) if len(v) == full}
 
 
+def _log_samples(path: Path, rollout: int, batches: RolloutBatches, n: int) -> None:
+    """The first ``n`` samples of a rollout with their reward and the verifier's reason (why a
+    response scored 0 is otherwise invisible), appended as JSON lines."""
+    with open(path, "a") as f:
+        for s in batches.last_samples[:n]:
+            f.write(json.dumps({"rollout": rollout, "item": s.item.id, "mode": s.mode, "finished": s.finished,
+                                "reward": s.reward, "verifier": s.correct, "reason": s.reason,
+                                "advantage": round(s.advantage, 4), "self_reward": s.score,
+                                "response": batches.tokenizer.detokenize(s.tokens)}) + "\n")
+
+
 def _loss_summary(sink: dict) -> dict[str, float]:
     out = {k: sum(v) / len(v) for k, v in sink.items() if isinstance(v, list) and v}
     if "laser_mse_sum" in sink:
@@ -148,6 +159,7 @@ def run(ctx: StageContext) -> StageResult:
             if settings.c_ref is None and batches.c_ref is not None and not c_ref_file.exists():
                 c_ref_file.write_text(json.dumps({"c_ref": batches.c_ref, "estimated_at_rollout": rollout}))
             trainer.metrics.write(rollout * batches.updates_per_rollout, stats, split="rollout")
+            _log_samples(ctx.stage_dir / "rollouts.jsonl", rollout, batches, int(st.get("log_samples", 8)))
 
     from megatron.core import parallel_state
 
