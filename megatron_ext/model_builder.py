@@ -104,7 +104,7 @@ def build_model(model_cfg: Mapping[str, Any], config: TransformerConfig, vocab_s
         raise ModelConfigError(f"model.family={family!r}: choose one of {sorted(FAMILIES)}")
     vpp = config.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
-    return [
+    chunks = [
         FAMILIES[family].build(
             config,
             model_cfg,
@@ -115,3 +115,9 @@ def build_model(model_cfg: Mapping[str, Any], config: TransformerConfig, vocab_s
         )
         for vp_stage in stages
     ]
+    on_meta = any(p.is_meta for chunk in chunks for p in chunk.parameters())  # count_params
+    if not cpu_backend.is_enabled() and torch.cuda.is_available() and not on_meta:
+        # use_cpu_initialization builds the weights on the host (identical on every layout); on GPUs
+        # they then move to this rank's device, as Megatron-LM's get_model does.
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    return chunks
