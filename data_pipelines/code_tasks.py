@@ -22,7 +22,6 @@ that walks interpreter frames (``sys._getframe(n).f_locals``) can find the token
 """
 
 import hashlib
-import json
 import os
 import random
 import secrets
@@ -34,6 +33,7 @@ from typing import Any
 
 from data_pipelines.code_sandbox import SandboxLimits, run_python
 from data_pipelines.errors import DataConfigError
+from data_pipelines.jsonl_records import check_unique, json_objects
 
 DIFFICULTIES = (1, 2, 3, 4, 5)
 
@@ -287,43 +287,27 @@ def load_code_tasks(path: str | os.PathLike, limit: int | None = None) -> list[C
                               f"with 'prompt', 'tests' and 'entry_point' on each line")
     tasks: list[CodeTask] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(tasks) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"code set {path} line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataConfigError(f"{where}: not valid JSON ({exc.msg}); fix or remove the "
-                                      f"line") from None
-            if not isinstance(row, dict):
-                raise DataConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "tests", "entry_point"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise DataConfigError(f"{where}: '{key}' must be a non-empty string; every "
-                                          f"line needs 'prompt', 'tests' and 'entry_point'")
-            if not row["entry_point"].isidentifier():
-                raise DataConfigError(f"{where}: 'entry_point' {row['entry_point']!r} is not a "
-                                      f"Python identifier")
-            difficulty = row.get("difficulty")
-            if difficulty is not None and (isinstance(difficulty, bool)
-                                           or difficulty not in DIFFICULTIES):
-                raise DataConfigError(f"{where}: 'difficulty' must be one of {DIFFICULTIES} or "
-                                      f"absent, got {difficulty!r}")
-            raw_id = row.get("id")
-            if raw_id is not None and (isinstance(raw_id, bool)
-                                       or not isinstance(raw_id, (str, int))):
-                raise DataConfigError(f"{where}: 'id' must be a string or an integer")
-            task_id = str(raw_id) if raw_id is not None else _task_id("file", row["prompt"])
-            if task_id in seen:
-                raise DataConfigError(f"{where}: duplicate id {task_id!r} (first on line "
-                                      f"{seen[task_id]}); ids must be unique")
-            seen[task_id] = lineno
-            tasks.append(CodeTask(task_id, "file", difficulty, row["prompt"],
-                                  row["entry_point"], row["tests"], row.get("solution") or ""))
+    for lineno, where, row in json_objects(path, f"code set {path}", limit):
+        for key in ("prompt", "tests", "entry_point"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataConfigError(f"{where}: '{key}' must be a non-empty string; every "
+                                      f"line needs 'prompt', 'tests' and 'entry_point'")
+        if not row["entry_point"].isidentifier():
+            raise DataConfigError(f"{where}: 'entry_point' {row['entry_point']!r} is not a "
+                                  f"Python identifier")
+        difficulty = row.get("difficulty")
+        if difficulty is not None and (isinstance(difficulty, bool)
+                                       or difficulty not in DIFFICULTIES):
+            raise DataConfigError(f"{where}: 'difficulty' must be one of {DIFFICULTIES} or "
+                                  f"absent, got {difficulty!r}")
+        raw_id = row.get("id")
+        if raw_id is not None and (isinstance(raw_id, bool)
+                                   or not isinstance(raw_id, (str, int))):
+            raise DataConfigError(f"{where}: 'id' must be a string or an integer")
+        task_id = str(raw_id) if raw_id is not None else _task_id("file", row["prompt"])
+        check_unique(seen, task_id, where, lineno)
+        tasks.append(CodeTask(task_id, "file", difficulty, row["prompt"],
+                              row["entry_point"], row["tests"], row.get("solution") or ""))
     return tasks
 
 

@@ -11,7 +11,6 @@ Answers are LaTeX strings, so equality needs care: `answers_equivalent` uses `ma
 `ANSWER_BACKEND` says which one this process uses.
 """
 
-import json
 import os
 import re
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines.errors import DataConfigError
+from data_pipelines.jsonl_records import check_unique, json_objects
 
 EVAL_SETS = ("math500", "aime24", "aime25", "amc23", "olympiadbench")
 EVAL_DIR_ENV = "TURBOLASER_EVAL_DIR"
@@ -82,37 +82,21 @@ def load_eval_set(name: str, eval_dir: str | os.PathLike | None = None,
             f"${EVAL_DIR_ENV} to the folder that holds <name>.jsonl")
     items: list[EvalItem] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"eval set {name!r}, {path} line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataConfigError(f"{where}: not valid JSON ({exc.msg}); fix or remove the "
-                                      f"line") from None
-            if not isinstance(row, dict):
-                raise DataConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in ("problem", "answer") if k not in row or row[k] is None]
-            if missing:
-                raise DataConfigError(f"{where}: missing field(s) {missing}; every line needs "
-                                      f"'problem' and 'answer'")
-            if not isinstance(row["problem"], str) or not row["problem"].strip():
-                raise DataConfigError(f"{where}: 'problem' must be a non-empty string")
-            if isinstance(row["answer"], (dict, list, bool)):
-                raise DataConfigError(f"{where}: 'answer' must be a string or a number, got "
-                                      f"{type(row['answer']).__name__}")
-            raw_id = row.get("id", row.get("unique_id"))
-            item_id = f"{name}-{raw_id if raw_id is not None else lineno}"
-            if item_id in seen:
-                raise DataConfigError(f"{where}: duplicate id {item_id!r} (first on line "
-                                      f"{seen[item_id]}); ids must be unique")
-            seen[item_id] = lineno
-            meta = {k: v for k, v in row.items() if k not in ("problem", "answer")}
-            items.append(EvalItem(item_id, row["problem"], str(row["answer"]).strip(), meta))
+    for lineno, where, row in json_objects(path, f"eval set {name!r}, {path}", limit):
+        missing = [k for k in ("problem", "answer") if k not in row or row[k] is None]
+        if missing:
+            raise DataConfigError(f"{where}: missing field(s) {missing}; every line needs "
+                                  f"'problem' and 'answer'")
+        if not isinstance(row["problem"], str) or not row["problem"].strip():
+            raise DataConfigError(f"{where}: 'problem' must be a non-empty string")
+        if isinstance(row["answer"], (dict, list, bool)):
+            raise DataConfigError(f"{where}: 'answer' must be a string or a number, got "
+                                  f"{type(row['answer']).__name__}")
+        raw_id = row.get("id", row.get("unique_id"))
+        item_id = f"{name}-{raw_id if raw_id is not None else lineno}"
+        check_unique(seen, item_id, where, lineno)
+        meta = {k: v for k, v in row.items() if k not in ("problem", "answer")}
+        items.append(EvalItem(item_id, row["problem"], str(row["answer"]).strip(), meta))
     return items
 
 

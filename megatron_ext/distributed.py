@@ -1,6 +1,7 @@
 """Process-group and model-parallel set-up for one stage worker (started by torchrun).
 
-Backend follows the hardware: NCCL on GPUs, gloo (with :mod:`megatron_ext.cpu_backend`) on CPU.
+Backend follows the hardware: NCCL (plus gloo for CPU tensors) on GPUs, gloo (with
+:mod:`megatron_ext.cpu_backend`) on CPU.
 Seeding follows Megatron-LM: the base seed is offset per pipeline rank, and megatron-core's named RNG
 streams give tensor-parallel ranks distinct dropout while data-parallel ranks agree.
 """
@@ -49,8 +50,11 @@ def initialize(parallel_cfg: Mapping[str, Any], seed: int, timeout_minutes: int 
     if not cpu:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        # On GPUs both: NCCL for CUDA tensors, gloo for the small CPU tensors that steer the loop
+        # (loss totals, flags, generation's lock-step counters); groups megatron-core creates without
+        # a backend inherit both.
         dist.init_process_group(
-            backend="gloo" if cpu else "nccl",
+            backend="gloo" if cpu else "cpu:gloo,cuda:nccl",
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -27,11 +27,11 @@ from megatron_ext import checkpointing
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator
 from megatron_ext.stage import StageContext, StageResult
-from megatron_ext.stage_training import build_stage_model, train_stage
+from megatron_ext.stage_training import build_stage_model
 from posttrain.chat_sampling import ChatSampler, sampling_params, stage_task_accuracy
 from posttrain.cot_fusion import FusedExample, build_fused_set, fused_to_conversations
 from posttrain.sampled_data import sample_once
-from posttrain.sft_data import build_sft_data, chat_examples, sft_forward_step
+from posttrain.sft_data import build_sft_data, chat_examples, train_sft
 
 
 def fusion_prompts(prompts_cfg, eval_cfg, seed: int) -> list[Task]:
@@ -90,15 +90,14 @@ def run(ctx: StageContext) -> StageResult:
         return {mode: stage_task_accuracy(chunks, tokenizer, model.vocab_size, {**st.eval, "thinking": mode}, seed)
                 for mode in ("short", "long")}
 
-    outcome = train_stage(ctx, tokenizer, data.train, data.valid, forward_step=sft_forward_step, model=model,
-                          initial_metrics=lambda chunks: {"initial_task_accuracy": accuracy(chunks)})
+    outcome, final = train_sft(ctx, tokenizer, model, data, accuracy)
     trainer = outcome.trainer
     modes = [e.mode for e in examples]
     return StageResult(
         checkpoint=outcome.checkpoint,
         steps=trainer.state.step,
         tokens_seen=trainer.state.tokens_seen,
-        final_metrics={**outcome.final_metrics, "task_accuracy": accuracy(trainer.chunks)},
+        final_metrics=final,
         data_fingerprint=data.fingerprint,
         extra={"fused_data": {**data.sizes, "examples": len(examples), "short": modes.count("short"),
                               "long": modes.count("long"),

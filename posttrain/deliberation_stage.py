@@ -32,13 +32,13 @@ from megatron_ext import checkpointing
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator
 from megatron_ext.stage import StageContext, StageResult
-from megatron_ext.stage_training import build_stage_model, train_stage
+from megatron_ext.stage_training import build_stage_model
 from posttrain.chat_sampling import ChatSampler, sampling_params, stage_task_accuracy
 from posttrain.cot_fusion import SampleRequest
 from posttrain.deliberation import (JudgePanel, RewardModelJudge, RuleJudge, TrainingRecord, VerifierJudge,
                                     deliberation_round)
 from posttrain.sampled_data import sample_once
-from posttrain.sft_data import build_sft_data, chat_examples, sft_forward_step
+from posttrain.sft_data import build_sft_data, chat_examples, train_sft
 
 
 def _reward_model(spec: str, field: str):
@@ -113,16 +113,14 @@ def run(ctx: StageContext) -> StageResult:
     def accuracy(chunks) -> dict:
         return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, seed)
 
-    outcome = train_stage(ctx, tokenizer, data.train, data.valid, forward_step=sft_forward_step, model=model,
-                          initial_metrics=lambda chunks: {"initial_task_accuracy": accuracy(chunks)})
+    outcome, final = train_sft(ctx, tokenizer, model, data, accuracy)
     trainer = outcome.trainer
     table = json.loads((round_dir / "win_rates.json").read_text())
     return StageResult(
         checkpoint=outcome.checkpoint,
         steps=trainer.state.step,
         tokens_seen=trainer.state.tokens_seen,
-        final_metrics={**outcome.final_metrics, "task_accuracy": accuracy(trainer.chunks),
-                       "win_rate": table["overall"]["win_rate"]},
+        final_metrics={**final, "win_rate": table["overall"]["win_rate"]},
         data_fingerprint=data.fingerprint,
         extra={"deliberation": {"round": round_index, "references": {k: str(v) for k, v in references.items()},
                                 "win_rates": table, "selected": len(records),

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from data_pipelines.chat_format import format_chat
 from data_pipelines.packing import IGNORE_LABEL, PackedSequence, PackingStats, attention_mask, pack_examples
+from megatron_ext.stage_training import train_stage
 from megatron_ext.trainer import masked_mean_loss
 
 Example = tuple[list[int], list[int]]  # (ids, loss_mask) of one conversation
@@ -144,3 +145,12 @@ def build_sft_data(train_examples: Sequence[Example], valid_examples: Sequence[E
                "held_out": _data_sizes(valid_examples, valid_rows, valid_stats)},
         fingerprint=_rows_fingerprint(train_rows + valid_rows),
     )
+
+
+def train_sft(ctx, tokenizer, model, data: SFTData, accuracy: Callable[[list], Any]):
+    """Train an SFT-style stage's ``model`` on ``data`` (``megatron_ext.stage_training.train_stage``)
+    and measure ``accuracy(chunks)`` of the parent's weights (before the first step, recorded once)
+    and of the result. Returns ``(outcome, final_metrics)``."""
+    outcome = train_stage(ctx, tokenizer, data.train, data.valid, forward_step=sft_forward_step, model=model,
+                          initial_metrics=lambda chunks: {"initial_task_accuracy": accuracy(chunks)})
+    return outcome, {**outcome.final_metrics, "task_accuracy": accuracy(outcome.trainer.chunks)}

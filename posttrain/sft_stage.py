@@ -21,9 +21,9 @@ from data_pipelines.prepare import prepare_data
 from data_pipelines.tokenizer import load_tokenizer
 from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks
 from megatron_ext.stage import StageContext, StageResult
-from megatron_ext.stage_training import build_stage_model, train_stage
+from megatron_ext.stage_training import build_stage_model
 from posttrain.chat_sampling import eval_tasks, stage_task_accuracy
-from posttrain.sft_data import Example, build_sft_data, chat_examples, sft_forward_step
+from posttrain.sft_data import Example, build_sft_data, chat_examples, train_sft
 
 
 def task_conversation(task: Task) -> list[dict[str, str]]:
@@ -56,15 +56,14 @@ def run(ctx: StageContext) -> StageResult:
     def accuracy(chunks) -> dict:
         return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, int(cfg.seed))
 
-    outcome = train_stage(ctx, tokenizer, data.train, data.valid, forward_step=sft_forward_step, model=model,
-                          initial_metrics=lambda chunks: {"initial_task_accuracy": accuracy(chunks)})
+    outcome, final = train_sft(ctx, tokenizer, model, data, accuracy)
     trainer = outcome.trainer
     gbs = int(st.train.global_batch_size)
     return StageResult(
         checkpoint=outcome.checkpoint,
         steps=trainer.state.step,
         tokens_seen=trainer.state.tokens_seen,
-        final_metrics={**outcome.final_metrics, "task_accuracy": accuracy(trainer.chunks)},
+        final_metrics=final,
         data_fingerprint=data.fingerprint,
         extra={
             "sft_data": {**data.sizes, "epochs": round(trainer.state.step * gbs / len(data.train), 3),

@@ -147,7 +147,7 @@ def test_rl_stages_log_rollouts_and_the_self_reward(run, index):
     assert c_ref["c_ref"] == fm["c_ref"] == stem["c_ref"]
     logged = [json.loads(line) for line in (folder / "rollouts.jsonl").read_text().splitlines()]
     assert [r["rollout"] for r in logged] == [0] * 8 + [1] * 8
-    assert all(r["reason"] and (r["verifier"] == 1.0) == (r["reason"] == "correct") for r in logged)
+    assert all(r["reason"] and (r["verifier"] == 1.0 or r["reason"] != "correct") for r in logged)
     ev = fm["self_reward_eval"]
     assert ev["n_prompts"] == 6 and ev["k"] == 4
     assert 0 <= ev["pass_at_1"] <= ev["pass_at_k"] <= 1
