@@ -265,10 +265,16 @@ def validate_rl_stage(name: str, st: Mapping, order: list[str]) -> None:
     if isinstance(kl, bool) or not isinstance(kl, (int, float)) or kl < 0:
         raise ConfigError(f"{prefix}.rl.kl_coef={kl!r}: must be >= 0 (0: no reference model)")
     sources = (st.get("prompts") or {}).get("sources") or {}
-    unknown = sorted(set(sources) - {"synthetic", "code", "instruction"})
+    known = ("synthetic", "code", "instruction", "math_file", "code_file")
+    unknown = sorted(set(sources) - set(known))
     if unknown or not any(float(v.get("weight", 0)) > 0 for v in sources.values()):
-        raise ConfigError(f"{prefix}.prompts.sources: give synthetic / code / instruction sources with a weight > 0"
+        raise ConfigError(f"{prefix}.prompts.sources: give sources from {list(known)} with a weight > 0"
                           + (f" (unknown: {unknown})" if unknown else ""))
+    for name in ("math_file", "code_file"):
+        src = sources.get(name)
+        if src and float(src.get("weight", 0)) > 0 and not os.path.isfile(str(src.get("path"))):
+            raise ConfigError(f"{prefix}.prompts.sources.{name}.path={src.get('path')!r}: no such file; point it "
+                              f"at a local JSON-lines file")
     temperature = (st.get("sampling") or {}).get("temperature")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
         raise ConfigError(f"{prefix}.sampling.temperature={temperature!r}: RL samples from the policy; use > 0")

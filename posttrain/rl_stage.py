@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 
-from data_pipelines.code_tasks import generate_code_tasks
+from data_pipelines.code_tasks import generate_code_tasks, load_code_tasks
+from data_pipelines.eval_sets import load_eval_set
 from data_pipelines.instruction_prompts import generate_instruction_prompts
 from data_pipelines.prepare import prepare_data
 from data_pipelines.tokenizer import load_tokenizer
@@ -60,10 +61,16 @@ def rl_settings(st) -> RLSettings:
     )
 
 
+SOURCES = ("synthetic", "code", "instruction", "math_file", "code_file")
+
+
 def prompt_items(prompts_cfg, eval_cfg, seed: int) -> list[Any]:
-    """The stage's prompt mixture: ``synthetic`` verifiable tasks (math / logic; never an eval task),
-    ``code`` tasks with hidden tests and ``instruction`` prompts with checkable constraints, each
-    ``weight`` share of ``num_prompts`` (interleaved at random, deterministic per seed)."""
+    """The stage's prompt mixture, each source ``weight`` share of ``num_prompts`` (interleaved at
+    random, deterministic per seed). Generated: ``synthetic`` verifiable tasks (math / logic; never an
+    eval task), ``code`` tasks with hidden tests, ``instruction`` prompts with checkable constraints.
+    Local files (``path``; the first ``n`` lines): ``math_file``, JSON lines with ``problem`` and
+    ``answer`` (checked by math-verify), ``code_file``, JSON lines with ``prompt``, ``tests`` and
+    ``entry_point`` (run in the sandbox)."""
     total = int(prompts_cfg.num_prompts)
     sources = {k: v for k, v in prompts_cfg.sources.items() if float(v.weight) > 0}
     weight_sum = sum(float(v.weight) for v in sources.values())
@@ -80,8 +87,13 @@ def prompt_items(prompts_cfg, eval_cfg, seed: int) -> list[Any]:
             items += generate_code_tasks(n, offset, difficulties=list(src.difficulties))
         elif name == "instruction":
             items += generate_instruction_prompts(n, offset, max_constraints=int(src.max_constraints))
+        elif name == "math_file":
+            path = Path(src.path)
+            items += load_eval_set(path.stem, path.parent, limit=n)
+        elif name == "code_file":
+            items += load_code_tasks(src.path, limit=n)
         else:
-            raise ConfigError(f"prompts.sources.{name}: unknown source; choose synthetic, code or instruction")
+            raise ConfigError(f"prompts.sources.{name}: unknown source; choose one of {list(SOURCES)}")
     random.Random(f"rl-mix:{seed}").shuffle(items)
     return items
 

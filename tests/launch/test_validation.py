@@ -82,6 +82,8 @@ def test_rl_stages_check_their_rollout_shape():
     check(["stages.rl_general.rl.kl_coef=-1"], "stages.rl_general.rl.kl_coef=-1")
     check(["+stages.rl_stem.prompts.sources.web={weight: 1}"], "stages.rl_stem.prompts.sources", "'web'")
     check(["stages.rl_stem.sampling.temperature=0"], "stages.rl_stem.sampling.temperature=0")
+    check(["+stages.rl_stem.prompts.sources.math_file={weight: 1, path: /nonexistent.jsonl}"],
+          "stages.rl_stem.prompts.sources.math_file.path='/nonexistent.jsonl'", "no such file")
 
 
 def test_unknown_stage_kind():
