@@ -9,14 +9,15 @@ The same module runs both RL stages; their presets differ in data and KL:
 Each update is one :class:`megatron_ext.trainer.Trainer` step on the batches of
 :class:`posttrain.rl_rollouts.RolloutBatches` (sampling, verification, filtering, log-probs) with the
 loss of :func:`posttrain.rl_rollouts.rl_loss`. With ``kl_coef > 0`` a frozen reference model (the
-parent's weights) is built and kept; with 0 it is never loaded. LaSeR's ``c_ref`` is estimated once
-from the first rollout (the initial policy is the reference then) unless configured, and saved with
-the stage, so a resumed attempt uses the same constant.
+parent's weights) is built and kept; with 0 it is never loaded. LaSeR's ``c_ref`` is configured, or
+inherited from a parent RL stage, or estimated once from the first rollout (the initial policy is the
+reference then); it is saved with the stage, so a resumed attempt uses the same constant.
 
 Reported: per-rollout metrics (split ``rollout`` of ``metrics/metrics.jsonl``: reward, filtering,
-self-verification of the rollout), sample responses with the verifier's reasons (``rollouts.jsonl``), per-update metrics (loss, KL, clip fraction), and in the manifest the reward of the first
-and last rollouts, task accuracy before and after, and the self-reward's verification F1 on held-out
-tasks (:func:`self_reward_eval`).
+self-verification of the rollout), sample responses with the verifier's reasons (``rollouts.jsonl``),
+per-update metrics (loss, KL, clip fraction), and in the manifest the reward per pass over the
+prompt pool, task accuracy before and after, and the self-reward's verification on held-out tasks
+(:func:`posttrain.self_reward_eval.self_reward_eval`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from megatron.core import parallel_state
 
 from data_pipelines.code_tasks import generate_code_tasks, load_code_tasks
 from data_pipelines.eval_sets import load_eval_set
@@ -138,23 +140,35 @@ def _loss_summary(sink: dict) -> dict[str, float]:
     return out
 
 
+def _known_c_ref(ctx: StageContext, configured: float | None, own_file: Path) -> float | None:
+    """LaSeR's c_ref if already known: configured, else this stage's earlier attempt's, else the
+    parent RL stage's (stage II continues stage I's self-reward: c_ref stands for the *reference*
+    model's log-prob, so it stays the constant stage I trained the score against; re-estimating it
+    from the RL'd policy would shift every score). None: estimate it from the first rollout."""
+    if configured is not None:
+        return configured
+    if own_file.exists():
+        return float(json.loads(own_file.read_text())["c_ref"])
+    parent_file = Path(ctx.parent_checkpoint).parents[1] / "laser_c_ref.json"
+    if parent_file.exists():
+        value = float(json.loads(parent_file.read_text())["c_ref"])
+        if ctx.env.is_main:
+            own_file.write_text(json.dumps({"c_ref": value, "inherited_from": str(parent_file)}))
+        return value
+    return None
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, st, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.model_cfg
+    if not ctx.parent_checkpoint:
+        raise ConfigError(f"stages.{ctx.name}: RL starts from a trained policy; put a stage before it in "
+                          f"pipeline.order or set stages.{ctx.name}.init_from")
     seed = int(cfg.seed)
     prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
     settings = rl_settings(st)
     c_ref_file = ctx.stage_dir / "laser_c_ref.json"
-    parent_c_ref = Path(ctx.parent_checkpoint).parents[1] / "laser_c_ref.json" if ctx.parent_checkpoint else None
-    if settings.c_ref is None and c_ref_file.exists():  # estimated by an earlier attempt
-        settings.c_ref = float(json.loads(c_ref_file.read_text())["c_ref"])
-    elif settings.c_ref is None and parent_c_ref is not None and parent_c_ref.exists():
-        # Stage II continues stage I's self-reward: c_ref stands for the *reference* model's log-prob,
-        # so it stays the constant stage I trained the score against (re-estimating it from the RL'd
-        # policy would shift every score).
-        settings.c_ref = float(json.loads(parent_c_ref.read_text())["c_ref"])
-        if ctx.env.is_main:
-            c_ref_file.write_text(json.dumps({"c_ref": settings.c_ref, "inherited_from": str(parent_c_ref)}))
+    settings.c_ref = _known_c_ref(ctx, settings.c_ref, c_ref_file)
     model = build_stage_model(ctx, tokenizer)
     seq_length = int(model_cfg.seq_length)
     train = st.train
@@ -172,8 +186,6 @@ def run(ctx: StageContext) -> StageResult:
                 c_ref_file.write_text(json.dumps({"c_ref": batches.c_ref, "estimated_at_rollout": rollout}))
             trainer.metrics.write(rollout * batches.updates_per_rollout, stats, split="rollout")
             _log_samples(ctx.stage_dir / "rollouts.jsonl", rollout, batches, int(st.get("log_samples", 8)))
-
-    from megatron.core import parallel_state
 
     batches = RolloutBatches(
         items=prompt_items(st.prompts, st.eval, seed), tokenizer=tokenizer, generator=generator,
@@ -193,9 +205,6 @@ def run(ctx: StageContext) -> StageResult:
     def accuracy(chunks) -> dict:
         return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, seed)
 
-    if not ctx.parent_checkpoint:
-        raise ConfigError(f"stages.{ctx.name}: RL starts from a trained policy; put a stage before it in "
-                          f"pipeline.order or set stages.{ctx.name}.init_from")
     # On-policy needs the trained policy to be the sampled one: routing is dropless in the updates too,
     # as it is in generation (capacity would drop or re-route tokens differently per micro-batch).
     with dropless_routing(model.chunks + (ref_chunks or [])):
