@@ -1,1 +1,3 @@
-"""Post-training stages: SFT (``sft_stage``); CoT fusion, deliberation and RL are not implemented yet."""
+"""Post-training stages (``*_stage.py``: SFT, CoT fusion, deliberation rounds, RL with LaSeR, evaluate)
+and the model-agnostic pieces they share (SFT data, chat sampling, fusion / deliberation logic, GRPO
+and LaSeR maths, rollouts, inference-time scaling). A stage never imports another stage."""
