@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,13 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from run_record import command, git_commit, machine, write_result  # noqa: E402
 
 
 def preprocessing(work: Path, docs: int) -> dict:
@@ -119,15 +111,13 @@ def main() -> None:
     quiet_known_warnings()
     with tempfile.TemporaryDirectory() as tmp:
         result = {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "git_commit": _commit(),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cores": os.cpu_count()},
+            "command": command(),
+            "git_commit": git_commit(),
+            "machine": machine(),
             "preprocessing": preprocessing(Path(tmp), args.docs),
             "loader": loader_vs_step(Path(tmp)),
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

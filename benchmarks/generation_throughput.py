@@ -18,11 +18,7 @@ from a single-rank environment, as the data benchmark does. Prints a table and w
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,13 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from run_record import command, git_commit, machine, single_rank_env, write_result  # noqa: E402
 
 
 def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -108,10 +98,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generation_throughput.json"))
     args = parser.parse_args()
 
-    # One rank, started here rather than by torchrun (distributed.initialize reads these).
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29518")):
-        os.environ.setdefault(key, value)
+    single_rank_env(29518)  # one rank, started here rather than by torchrun
     import torch
 
     from launch.config import load_config
@@ -127,16 +114,14 @@ def main() -> None:
     finally:
         distributed.destroy()
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": _commit(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "command": command(),
+        "git_commit": git_commit(),
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
         "settings": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                      "sampling": "greedy, no stop tokens"},
         "models": models,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(_table(models))
 
 

@@ -49,11 +49,7 @@ Mamba2 layers are skipped on CUDA unless ``mamba_ssm`` is importable (the pure-t
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,15 +57,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from run_record import command, git_commit, machine, single_rank_env, write_result  # noqa: E402
+
 VARIANTS = (("padded", "grpo"), ("padded", "laser"), ("packed", "grpo"), ("packed", "laser"))
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _settings(laser: bool):
@@ -325,10 +315,7 @@ def main() -> None:
                 print("tiny_turbos skipped: mamba_ssm is not installed (pass --models to force it)", flush=True)
                 models_wanted = ["tiny_large"]
 
-    # One rank, started here rather than by torchrun (distributed.initialize reads these).
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29519")):
-        os.environ.setdefault(key, value)
+    single_rank_env(29519)  # one rank, started here rather than by torchrun
     import torch
 
     from launch.config import load_config
@@ -352,17 +339,15 @@ def main() -> None:
                   for m in models_wanted]
     finally:
         distributed.destroy()
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
-               "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": args.device,
-               "torch": torch.__version__}
+    host = {**machine(), "torch_threads": torch.get_num_threads(), "device": args.device,
+            "torch": torch.__version__}
     if cuda:
-        machine.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+        host.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
                        gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
     result = {
-        "command": " ".join([f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}",
-                             Path(sys.executable).name, *sys.argv]),
-        "git_commit": _commit(),
-        "machine": machine,
+        "command": command("OMP_NUM_THREADS"),
+        "git_commit": git_commit(),
+        "machine": host,
         "settings": {"batch": args.batch, "seq_length": args.seq_length,
                      "prompt_tokens": "{}-{}".format(*args.prompt_tokens),
                      "response_tokens": "{}-{}".format(*args.response_tokens),
@@ -372,8 +357,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - t0,
         "models": models,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(_table(models))
 
 

@@ -1,0 +1,45 @@
+"""What every benchmark records beside its numbers, and the single-rank set-up they share.
+
+A number without the command, the commit and the machine that produced it cannot be compared with a
+later one; each script here writes those with its results (``write_result``).
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count()}
+
+
+def command(*env_vars: str) -> str:
+    """This process's command line, prefixed by the named environment variables' values."""
+    prefix = [f"{name}={os.environ.get(name, '')}" for name in env_vars]
+    return " ".join([*prefix, Path(sys.executable).name, *sys.argv])
+
+
+def single_rank_env(port: int) -> None:
+    """The variables ``megatron_ext.distributed.initialize`` reads from torchrun, for one rank started
+    in this process."""
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
+
+
+def write_result(out: str | os.PathLike, result: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
