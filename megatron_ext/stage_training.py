@@ -14,7 +14,7 @@ from typing import Callable
 
 from megatron.core import parallel_state
 
-from megatron_ext import model_builder, optim
+from megatron_ext import checkpointing, model_builder, optim
 from megatron_ext.checkpointing import latest_checkpoint
 from megatron_ext.expert_lr import expert_lr_scale
 from megatron_ext.metrics import MetricsWriter
@@ -59,6 +59,18 @@ def build_stage_model(ctx: StageContext, tokenizer) -> StageModel:
                                                  use_distributed_optimizer=use_dist_opt,
                                                  expert_lr_scale=lr_scale)
     return StageModel(ddp_chunks, optimizer, scheduler, lr_scale, vocab)
+
+
+def load_frozen_model(ctx: StageContext, tokenizer, checkpoint: Path) -> list:
+    """The stage's model chunks (``ctx.model_cfg``, no DDP, no optimizer) with ``checkpoint``'s
+    weights and no gradients: a reference policy, or a model only to sample from and score."""
+    config = model_builder.transformer_config(ctx.model_cfg, ctx.cfg.parallel)
+    vocab = model_builder.padded_vocab_size(model_builder.model_vocab_size(ctx.model_cfg, tokenizer), ctx.env.tp)
+    chunks = model_builder.build_model(ctx.model_cfg, config, vocab)
+    checkpointing.load(Path(checkpoint), chunks)
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+    return chunks
 
 
 def train_stage(ctx: StageContext, tokenizer, train_ds, valid_ds,

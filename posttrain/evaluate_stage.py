@@ -27,11 +27,12 @@ from megatron.core import parallel_state
 from data_pipelines.eval_sets import answers_equivalent, load_eval_set
 from data_pipelines.prepare import prepare_data
 from data_pipelines.tokenizer import load_tokenizer
-from megatron_ext import checkpointing, model_builder
+from megatron_ext import model_builder
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator, SamplingParams
 from megatron_ext.models.recycle_routing import dropless_routing
 from megatron_ext.stage import StageContext, StageResult
+from megatron_ext.stage_training import load_frozen_model
 from posttrain.chat_sampling import eval_tasks, prompt_ids, prompt_text, stop_ids
 from posttrain.inference_scaling import format_table
 from posttrain.rl_rollouts import RLSettings, RolloutBatches, rl_forward_step_factory
@@ -65,10 +66,8 @@ def run(ctx: StageContext) -> StageResult:
     seed = int(cfg.seed)
     prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
-    config = model_builder.transformer_config(model_cfg, cfg.parallel)
     vocab = model_builder.model_vocab_size(model_cfg, tokenizer)
-    chunks = model_builder.build_model(model_cfg, config, model_builder.padded_vocab_size(vocab, ctx.env.tp))
-    checkpointing.load(Path(ctx.parent_checkpoint), chunks)
+    chunks = load_frozen_model(ctx, tokenizer, ctx.parent_checkpoint)
     k, mbs = int(st.k), int(st.micro_batch_size)
     settings = RLSettings(groups=1, group_size=k, epochs=1, max_sampling_rounds=1, clip_eps=0.2, clip_eps_high=None,
                           kl_coef=0.0, temperature=float(st.sampling.temperature), thinking=st.get("thinking"),

@@ -123,6 +123,13 @@ def rl_forward_step_factory(settings: RLSettings, batches: "RolloutBatches"):
     return forward_step
 
 
+def _collect_zc_logprobs(mb: dict, logp: torch.Tensor, into: dict[int, float]) -> None:
+    """log pi(z_c | ...) of each row of ``mb`` that has z_c, keyed by the row's sample index."""
+    for idx, row_logp, zc in zip(mb["index"].tolist(), logp, mb["zc_mask"]):
+        if zc.any():
+            into[idx] = float((row_logp * zc).sum())
+
+
 class RolloutBatches:
     """``train_batches`` for the Trainer in an RL stage (module docstring)."""
 
@@ -281,11 +288,8 @@ class RolloutBatches:
                  for j in range(0, len(rows), self.mbs)]
         found: dict[int, float] = {}
         for mb, lp in zip(micro, self.logp_fn(micro)):
-            if lp is None:
-                continue
-            for idx, row_lp, zc in zip(mb["index"].tolist(), lp, mb["zc_mask"]):
-                if zc.any():
-                    found[idx] = float((row_lp * zc).sum())
+            if lp is not None:
+                _collect_zc_logprobs(mb, lp, found)
         values = self._gather_by_index(found, len(samples))
         return [v if s.finished else math.nan for v, s in zip(values, samples)]
 
@@ -324,9 +328,7 @@ class RolloutBatches:
                 mb["old_logp"] = lp
                 if ref is not None:
                     mb["ref_logp"] = ref
-                for idx, row_lp, zc in zip(mb["index"].tolist(), lp, mb["zc_mask"]):
-                    if zc.any():
-                        zc_logp[idx] = float((row_lp * zc).sum())
+                _collect_zc_logprobs(mb, lp, zc_logp)
         logp_zc = self._gather_by_index(zc_logp, len(samples))
         finished = torch.tensor([s.finished for s in samples])
         if st.laser and self.c_ref is None:

@@ -35,13 +35,12 @@ from data_pipelines.instruction_prompts import generate_instruction_prompts
 from data_pipelines.prepare import prepare_data
 from data_pipelines.tokenizer import load_tokenizer
 from data_pipelines.verifiable_tasks import generate_tasks, split_tasks
-from megatron_ext import checkpointing, model_builder
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator, SamplingParams
 from megatron_ext.metrics import read_metrics
 from megatron_ext.models.recycle_routing import dropless_routing
 from megatron_ext.stage import StageContext, StageResult
-from megatron_ext.stage_training import build_stage_model, train_stage
+from megatron_ext.stage_training import build_stage_model, load_frozen_model, train_stage
 from posttrain.chat_sampling import eval_tasks, stage_task_accuracy, stop_ids
 from posttrain.rl_rollouts import RLSettings, RolloutBatches, rl_forward_step_factory
 from posttrain.self_reward_eval import forward_logps, self_reward_eval
@@ -98,17 +97,6 @@ def prompt_items(prompts_cfg, eval_cfg, seed: int) -> list[Any]:
             raise ConfigError(f"prompts.sources.{name}: unknown source; choose one of {list(SOURCES)}")
     random.Random(f"rl-mix:{seed}").shuffle(items)
     return items
-
-
-def _reference_chunks(ctx: StageContext, tokenizer) -> list:
-    """The frozen reference policy: the stage's model built again, with the parent's weights."""
-    config = model_builder.transformer_config(ctx.model_cfg, ctx.cfg.parallel)
-    vocab = model_builder.padded_vocab_size(model_builder.model_vocab_size(ctx.model_cfg, tokenizer), ctx.env.tp)
-    chunks = model_builder.build_model(ctx.model_cfg, config, vocab)
-    checkpointing.load(Path(ctx.parent_checkpoint), chunks)
-    for c in chunks:
-        c.requires_grad_(False)
-    return chunks
 
 
 def _reward_by_pass(rollouts: list[dict]) -> dict[str, float]:
@@ -193,7 +181,8 @@ def run(ctx: StageContext) -> StageResult:
         global_batch_size=gbs, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=ctx.env.dp,
         seed=seed, on_rollout=on_rollout)
     forward_step = rl_forward_step_factory(settings, batches)
-    ref_chunks = _reference_chunks(ctx, tokenizer) if settings.kl_coef > 0 else None
+    # the frozen reference policy: the parent's weights
+    ref_chunks = load_frozen_model(ctx, tokenizer, ctx.parent_checkpoint) if settings.kl_coef > 0 else None
 
     def on_trainer(trainer) -> None:
         holder["trainer"] = trainer
