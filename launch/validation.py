@@ -8,6 +8,7 @@ Only the first problem found is reported: fixing it and re-running shows the nex
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 from launch.stages import STAGE_KINDS
@@ -294,9 +295,53 @@ def validate_evaluate_stage(name: str, st: Mapping, order: list[str]) -> None:
         raise ConfigError(f"{prefix}.sets: unknown {unknown}; choose from {list(EVAL_SETS)}")
 
 
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")   # [days-]hours[:minutes[:seconds]] or minutes
+
+
+def _slurm_seconds(value: str) -> int:
+    days, _, clock = value.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if not days and len(parts) == 1:      # a bare number is minutes
+        return parts[0] * 60
+    h, m, sec = (parts + [0, 0])[:3]
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def validate_cluster(cluster: Mapping, parallel: Mapping) -> None:
+    """The launcher's settings: known launcher, and for SLURM jobs that can hold the stage's ranks and
+    leave time to save after the preemption warning."""
+    name = cluster.get("name")
+    if name not in ("local", "slurm", "nemo_run"):
+        raise ConfigError(f"cluster.name={name!r} is not a launcher; choose a preset: cluster=local, "
+                          f"cluster=slurm, cluster=slurm_cpu, cluster=nemo_local or cluster=nemo_slurm")
+    if name == "nemo_run" and cluster.get("executor") not in ("local", "slurm"):
+        raise ConfigError(f"cluster.executor={cluster.get('executor')!r}: nemo-run executors are local and "
+                          f"slurm (cluster=nemo_local, cluster=nemo_slurm)")
+    if name == "local" or (name == "nemo_run" and cluster["executor"] == "local"):
+        return
+    for field in ("time", "data_job.time"):
+        value = str(cluster["data_job"]["time"] if field == "data_job.time" else cluster["time"])
+        if not _SLURM_TIME.match(value):
+            raise ConfigError(f"cluster.{field}={value!r}: not a SLURM time; write e.g. \"04:00:00\" "
+                              f"or \"1-00:00:00\"")
+    warning = _positive_int(cluster["preempt_warning_s"], "cluster.preempt_warning_s")
+    if warning >= _slurm_seconds(str(cluster["time"])):
+        raise ConfigError(f"cluster.preempt_warning_s={warning} is not shorter than cluster.time="
+                          f"{cluster['time']!r}: the job would be warned before it starts working")
+    if int(cluster["shutdown_timeout_s"]) >= warning:
+        raise ConfigError(f"cluster.shutdown_timeout_s={cluster['shutdown_timeout_s']} must be shorter than "
+                          f"cluster.preempt_warning_s={warning}, or the time limit kills ranks mid-save")
+    gpus = cluster.get("gpus_per_node") or 0
+    if gpus and gpus != parallel["nproc_per_node"]:
+        raise ConfigError(f"cluster.gpus_per_node={gpus} but parallel.nproc_per_node="
+                          f"{parallel['nproc_per_node']}: one rank per GPU; make them equal (or 0 for CPU)")
+    _positive_int(cluster["cpus_per_task"], "cluster.cpus_per_task")
+
+
 def validate(cfg: Mapping) -> dict[str, int]:
     """Raise :class:`ConfigError` on the first problem; return the derived parallel sizes."""
     sizes = validate_parallel(cfg["model"], cfg["parallel"])
+    validate_cluster(cfg["cluster"], cfg["parallel"])
     validate_model(cfg["model"], cfg["parallel"])
     _positive_int(cfg["model"]["seq_length"], "model.seq_length")
     validate_data(cfg["data"])

@@ -40,6 +40,9 @@ class MetricsWriter:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{split}/{key}", value, step)
+                elif isinstance(value, list):   # per-layer values: one curve per index
+                    for i, v in enumerate(value):
+                        self._tb.add_scalar(f"{split}/{key}/{i}", v, step)
 
     def close(self) -> None:
         if self._file is not None:

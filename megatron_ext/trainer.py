@@ -194,7 +194,7 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
         """One optimizer step; a non-finite loss or gradient skips the update (see fault_tolerance)."""
         for chunk in self.chunks:
             chunk.train()
@@ -203,8 +203,11 @@ class Trainer:
         losses = self._run_schedule(self.train_batches.microbatches(self.state.step), forward_only=False)
         loss = _reduce_lm_loss(losses)
         lrs = self._group_lrs()  # the LRs this update uses
-        aux = {name: sum(per_layer) for name, per_layer in
-               moe_aux_losses(self.train_batches.num_microbatches, self.num_layers).items()}
+        # megatron-core's per-layer router aux losses (the switch load-balancing loss is 1 per layer
+        # at perfect balance): the sum for the progress line, the list for per-layer balance plots
+        aux = {}
+        for name, per_layer in moe_aux_losses(self.train_batches.num_microbatches, self.num_layers).items():
+            aux[name], aux[f"{name}_per_layer"] = sum(per_layer), per_layer
         self.state.step += 1
         self.state.tokens_seen += self.train_batches.gbs * self.seq_length
         if math.isfinite(loss) and grads_finite(self.chunks):

@@ -64,6 +64,11 @@ def test_layout_matches_single_process(runs, family, layout):
     assert got["eval_loss_after"] == pytest.approx(ref["eval_loss_after"], abs=1e-5)
     for mine, theirs in zip(got["steps"], ref["steps"]):
         assert mine["load_balancing_loss"] == pytest.approx(theirs["load_balancing_loss"], rel=1e-5)
+        # per layer too (the report's balance plot): every layer reported, wherever its stage runs
+        per_layer = mine["load_balancing_loss_per_layer"]
+        assert per_layer == pytest.approx(theirs["load_balancing_loss_per_layer"], rel=1e-5)
+        assert sum(per_layer) == pytest.approx(mine["load_balancing_loss"], rel=1e-6)
+        assert sum(v > 0 for v in per_layer) >= 2   # the MoE layers (hybrids have others too)
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5)
     assert got["tokens_seen"] == ref["tokens_seen"]
     # whole model within 1e-5; single tensors within 1e-4: Adam's m / sqrt(v) turns the last bits of
