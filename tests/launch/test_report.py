@@ -176,3 +176,15 @@ def test_moe_balance_is_plotted_per_moe_layer(tmp_path):
     assert sorted(per_layer) == ["layer 2", "layer 3"]          # the dense layer logged only zeros
     steps, values = per_layer["layer 2"]
     assert steps == [1, 2, 3, 4] and values == [3.0, 2.5, 2.0 + 1 / 3, 2.25]
+
+
+def test_report_command_line(full_run):
+    import subprocess
+    import sys
+
+    (full_run / "report.md").unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "launch", "report", str(full_run)], capture_output=True, text=True)
+    assert proc.returncode == 0 and (full_run / "report.md").exists(), proc.stderr
+    missing = subprocess.run([sys.executable, "-m", "launch", "report", str(full_run / "nope")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
