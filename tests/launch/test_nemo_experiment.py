@@ -109,3 +109,24 @@ def test_slurm_refuses_a_run_dir_nemo_run_would_rewrite(tmp_path):
     cmd = [sys.executable, "-m", "launch", "--dry-run", "cluster=nemo_slurm", f"run_dir={tmp_path / 'nemo_run' / 'x'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "'/nemo_run'" in proc.stderr
+
+
+def test_slurm_executor_stage_requeues_itself_after_the_time_limit_warning(slurm_cluster, tmp_path):
+    """As with cluster=slurm: the warning (sent by hand here) makes the stage save and exit 75, the task
+    requeues its own job, and the restart resumes from that checkpoint."""
+    from tests.launch.test_slurm_pipeline import wait_until
+
+    run_dir, steps = tmp_path / "run", 100
+    launch(run_dir, "cluster=nemo_slurm_cpu", "pipeline.order=[pretrain]", *_train("pretrain", steps, 10),
+           env=slurm_cluster.env)
+    job = json.loads((run_dir / "nemorun" / "jobs.json").read_text())["01_pretrain"]
+    slurm_cluster.wait_for(job, {"RUNNING"}, 300)
+    wait_until((run_dir / "01_pretrain" / "checkpoints" / "latest").exists, 300, "the first checkpoint")
+    slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
+    wait_until(lambda: slurm_cluster.job_state(job) in {"PENDING", "REQUEUED"}, 120, "the job to requeue itself")
+    slurm_cluster.start_now(job)
+    assert slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, 400) == "COMPLETED"
+    done = manifest(run_dir, "01_pretrain")
+    first = done["attempts"][0]
+    assert done["status"] == "complete" and done["steps"] == steps and first["ended"] == "preempted"
+    assert done["attempts"][1]["resumed_from_step"] == first["at_step"]
