@@ -1,0 +1,206 @@
+"""Our checkpoints one layer at a time, whatever layout saved them, and back.
+
+A ``dist_checkpointing`` checkpoint stores global tensors, so a single process can read any slice of
+it. :class:`LayerReader` builds the model once on the meta device (no memory) in the single-process
+layout, takes megatron-core's sharded state dict of it (which knows every module's global key, layer
+offset and SwiGLU / Mamba split) and loads only the entries of one layer at a time: peak memory is one
+layer, not the model. :func:`save_model_state` writes a single-process model's weights as a checkpoint
+any layout can load (the import's last step).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+SINGLE = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+          "expert_model_parallel_size": 1, "sequence_parallel": False}
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+@contextmanager
+def single_process() -> Iterator[None]:
+    """A one-process group and megatron-core's parallel state, for tools outside torchrun."""
+    from megatron_ext import distributed
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    distributed.initialize(SINGLE, seed=0)
+    try:
+        yield
+    finally:
+        distributed.destroy()
+
+
+def checkpoint_vocab_size(checkpoint: Path) -> int:
+    """The (padded) vocabulary the checkpoint's embedding was saved with (padding depends on its TP)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    return int(meta["embedding.word_embeddings.weight"].global_shape[0])
+
+
+def build_single(model_cfg: Mapping[str, Any], vocab_size: int, device: str = "meta") -> torch.nn.Module:
+    """The model in the single-process layout (inside :func:`single_process`)."""
+    from megatron_ext import model_builder
+
+    config = model_builder.transformer_config(model_cfg, SINGLE)
+    config.perform_initialization = device != "meta"
+    with torch.device(device):
+        (model,) = model_builder.build_model(model_cfg, config, vocab_size)
+    return model
+
+
+class LayerReader:
+    """Read one layer's parameters (named as in the single-process model's ``state_dict``, minus the
+    ``decoder.layers.<i>.`` prefix), or the outer ones (embedding, final norm, output layer)."""
+
+    def __init__(self, checkpoint: Path, model_cfg: Mapping[str, Any]):
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        self.checkpoint = Path(checkpoint)
+        self.vocab_size = checkpoint_vocab_size(self.checkpoint)
+        model = build_single(model_cfg, self.vocab_size)
+        entries = {k: v for k, v in model.sharded_state_dict().items()
+                   if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+        self.layers: dict[int, list[str]] = {}
+        self.outer: list[str] = []
+        for name in entries:
+            m = _LAYER.match(name)
+            (self.layers.setdefault(int(m.group(1)), []) if m else self.outer).append(name)
+        self._entries = entries
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from megatron.core import dist_checkpointing
+
+        request = {}
+        for name in names:
+            entry = copy.copy(self._entries[name])   # the meta model's entry, with real memory to load into
+            entry.data = torch.empty(entry.data.shape, dtype=entry.data.dtype)
+            request[name] = entry
+        # megatron-core turns SwiGLU / Mamba factories into plain sharded tensors and merges them
+        # back; the strategy reads each one's region of the stored global tensor. One layer is a
+        # deliberately partial read: skip the check that requests cover every tensor.
+        loaded = dist_checkpointing.load(request, str(self.checkpoint), sharded_strategy=_RegionLoad(),
+                                         validate_access_integrity=False)
+        return {name: loaded[name] for name in names}
+
+    def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        prefix = f"decoder.layers.{layer}."
+        return {name[len(prefix):]: t for name, t in self._load(self.layers[layer]).items()}
+
+    def read_outer(self) -> dict[str, torch.Tensor]:
+        return self._load(self.outer)
+
+
+def _region_load_strategy_class():
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.base import LoadShardedStrategy
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    def _stored(sh: ShardedTensor) -> torch.Tensor:
+        """The destination viewed with the stored tensor's rank (stacked layers / experts add axes)."""
+        return sh.data.view((1,) * sh.prepend_axis_num + tuple(sh.data.shape))
+
+    class RegionPlanner(DefaultLoadPlanner):
+        """Reads given regions of stored global tensors into given tensors (no process group)."""
+
+        def __init__(self, regions: dict[str, list[ShardedTensor]]):
+            super().__init__()
+            self.regions = regions
+
+        def create_local_plan(self):
+            items = []
+            for key, shards in self.regions.items():
+                if key not in self.metadata.state_dict_metadata:
+                    raise KeyError(f"{key} is not in the checkpoint")
+                chunks = [ChunkStorageMetadata(offsets=torch.Size(sh.global_offset), sizes=_stored(sh).shape)
+                          for sh in shards]
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], chunks)
+            from torch.distributed.checkpoint.planner import LoadPlan
+
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            dest = _stored(self.regions[read_item.dest_index.fqn][read_item.dest_index.index])
+            for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                dest = dest.narrow(dim, offset, length)
+            return dest
+
+        def commit_tensor(self, read_item, tensor):
+            pass   # resolve_tensor returned a view of the destination
+
+    class RegionLoad(LoadShardedStrategy):
+        """A megatron-core load strategy for torch_dist checkpoints that reads exactly the requested
+        regions in one process, whatever the checkpoint's layout."""
+
+        def load(self, sharded_state_dict, checkpoint_dir):
+            regions: dict[str, list[ShardedTensor]] = {}
+            for sh in nested_values(sharded_state_dict):
+                assert isinstance(sh, ShardedTensor) and sh.flattened_range is None, sh
+                regions.setdefault(sh.key, []).append(sh)
+            dcp_load({}, storage_reader=FileSystemReader(str(checkpoint_dir)), planner=RegionPlanner(regions),
+                     no_dist=True)
+            dict_list_map_inplace(lambda sh: sh.data, sharded_state_dict)
+            return sharded_state_dict
+
+        def load_tensors_metadata(self, checkpoint_dir):
+            raise NotImplementedError
+
+        def load_sharded_metadata(self, checkpoint_dir):
+            raise NotImplementedError
+
+        def check_backend_compatibility(self, loaded_backend):
+            pass
+
+        def check_version_compatibility(self, loaded_version):
+            pass
+
+        @property
+        def can_handle_sharded_objects(self):
+            return False
+
+    return RegionLoad
+
+
+def _RegionLoad():
+    global _REGION_LOAD
+    if _REGION_LOAD is None:
+        _REGION_LOAD = _region_load_strategy_class()
+    return _REGION_LOAD()
+
+
+_REGION_LOAD = None
+
+
+def save_model_state(path: Path, model: torch.nn.Module, progress: dict | None = None) -> Path:
+    """Write ``model`` (single-process layout) as a checkpoint folder that loads under any layout."""
+    from megatron_ext import checkpointing
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        from megatron_ext.errors import ConfigError
+
+        raise ConfigError(f"{path} exists and is not empty: choose a new output folder (nothing is overwritten)")
+    path.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.sharded_state_dict(), "progress": dict(progress or {}, step=0, world_size=1,
+                                                                   model_parallel=checkpointing.model_parallel_sizes())}
+    checkpointing.dist_checkpointing_save(state, str(path))
+    return path
