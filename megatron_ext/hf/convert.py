@@ -1,12 +1,14 @@
 """Export our checkpoints to Hugging Face folders and import them back.
 
     python -m megatron_ext.hf.convert export <checkpoint> <out_dir> [--max-shard-size 2GB] [--dtype bfloat16]
+                                             [--format standard|remote]
     python -m megatron_ext.hf.convert import <hf_dir> <out_dir>
 
 Export reads any layout's checkpoint a layer at a time (:mod:`checkpoint_layers`) and writes
 safetensors shards as it goes, so peak memory is about one shard plus one layer. The target format
 follows the model family (``hunyuan_moe`` -> ``hunyuan_v1_moe``, ``turbos_hybrid`` -> ``nemotron_h``);
-the family's adapter refuses, before anything is written, a model the format cannot represent.
+the family's adapter refuses, before anything is written, a model the format cannot represent; such
+a model exports with ``--format remote`` (:mod:`remote_code`: our own model class in the folder).
 
 Import builds the model in the single-process layout, fills it from the HF tensors a layer at a time
 and saves an ordinary checkpoint, which loads under any layout (``stages.<name>.init_from=...``),
@@ -27,27 +29,33 @@ from typing import Any, Mapping
 import torch
 from omegaconf import OmegaConf
 
-from megatron_ext.errors import ConfigError
+from megatron_ext.errors import ConfigError, ExportRefused
 from megatron_ext.hf.checkpoint_layers import LayerReader, build_single, save_model_state, single_process
+from megatron_ext.hf.remote_code import FORMATS as REMOTE
+from megatron_ext.hf.remote_code import RemoteFormat
 from megatron_ext.hf.safetensors_shards import SafetensorsFolder, ShardWriter, parse_size
 
 MODEL_CONFIG_FILE = "turbolaser_model.yaml"   # written into imported checkpoints
 TOKENIZER_FILES = ("tokenizer.json",)
 
 
-def adapter_for_family(family: str) -> ModuleType:
+FORMATS = ("standard", "remote")
+
+
+def adapter_for_family(family: str, fmt: str = "standard") -> ModuleType | RemoteFormat:
+    """``standard``: the public ``transformers`` architecture; ``remote``: our own model class."""
     from megatron_ext.hf import hunyuan_v1_moe, nemotron_h
 
-    adapters = {"hunyuan_moe": hunyuan_v1_moe, "turbos_hybrid": nemotron_h}
+    adapters = {"hunyuan_moe": hunyuan_v1_moe, "turbos_hybrid": nemotron_h} if fmt == "standard" else REMOTE
     if family not in adapters:
         raise ConfigError(f"model.family={family!r} has no Hugging Face format; exportable: {sorted(adapters)}")
     return adapters[family]
 
 
-def adapter_for_model_type(model_type: str) -> ModuleType:
+def adapter_for_model_type(model_type: str) -> ModuleType | RemoteFormat:
     from megatron_ext.hf import hunyuan_v1_moe, nemotron_h
 
-    adapters = {a.MODEL_TYPE: a for a in (hunyuan_v1_moe, nemotron_h)}
+    adapters = {a.MODEL_TYPE: a for a in (hunyuan_v1_moe, nemotron_h, *REMOTE.values())}
     if model_type not in adapters:
         raise ConfigError(f"config.json model_type={model_type!r} cannot be imported; supported: {sorted(adapters)}")
     return adapters[model_type]
@@ -107,8 +115,10 @@ def _write_tokenizer(tokenizer_dir: Path | None, out: Path, max_length: int) -> 
 # ---- export ------------------------------------------------------------------------------------------
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, max_shard_size: str | int = "2GB",
-                      dtype: torch.dtype | None = None, model_cfg: Mapping[str, Any] | None = None) -> Path:
-    """Write ``out_dir`` as a Hugging Face folder of ``checkpoint`` (any layout); returns ``out_dir``."""
+                      dtype: torch.dtype | None = None, model_cfg: Mapping[str, Any] | None = None,
+                      fmt: str = "standard") -> Path:
+    """Write ``out_dir`` as a Hugging Face folder of ``checkpoint`` (any layout); returns ``out_dir``.
+    ``fmt="remote"`` writes our own model class beside the weights (``trust_remote_code=True``)."""
     checkpoint, out = Path(checkpoint), Path(out_dir)
     if not (checkpoint / "metadata.json").exists():
         raise ConfigError(f"{checkpoint} is not a dist_checkpointing checkpoint (no metadata.json): pass an "
@@ -116,8 +126,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, max_shard_siz
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty: choose a new output folder (nothing is overwritten)")
     model_cfg = dict(model_cfg or checkpoint_model_config(checkpoint))
-    adapter = adapter_for_family(model_cfg["family"])
-    adapter.check_exportable(model_cfg)
+    adapter = adapter_for_family(model_cfg["family"], fmt)
+    try:
+        adapter.check_exportable(model_cfg)
+    except ExportRefused as err:
+        raise ExportRefused(f"{err} Or export with --format remote: our own model class, shipped with the "
+                            f"weights and loaded with trust_remote_code=True, computes exactly our model") from None
     tokenizer_dir = checkpoint_tokenizer_dir(checkpoint)
     specials = special_token_ids(tokenizer_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +156,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, max_shard_siz
         "eos_token_id": stops or None, "pad_token_id": specials["pad_token_id"],
         "bos_token_id": specials["bos_token_id"]}, indent=2) + "\n")
     _write_tokenizer(tokenizer_dir, out, int(model_cfg.get("seq_length", 2048)))
+    if isinstance(adapter, RemoteFormat):
+        adapter.write_code(out)
     return out
 
 
@@ -202,6 +218,9 @@ def main(argv: list[str]) -> int:
     exp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="cast on the way out (default: as stored)")
     exp.add_argument("--model-config", type=Path, default=None, help="model yaml, when the checkpoint has none")
+    exp.add_argument("--format", choices=FORMATS, default="standard",
+                     help="standard: transformers' own architecture (refuses what it computes differently); "
+                          "remote: our model class shipped in the folder (trust_remote_code=True)")
     imp = sub.add_parser("import", help="Hugging Face folder -> our checkpoint (loads under any layout)")
     imp.add_argument("hf_dir", type=Path)
     imp.add_argument("out_dir", type=Path)
@@ -211,7 +230,7 @@ def main(argv: list[str]) -> int:
         if args.command == "export":
             cfg = OmegaConf.to_container(OmegaConf.load(args.model_config), resolve=True) if args.model_config else None
             out = export_checkpoint(args.checkpoint, args.out_dir, args.max_shard_size,
-                                    getattr(torch, args.dtype) if args.dtype else None, cfg)
+                                    getattr(torch, args.dtype) if args.dtype else None, cfg, args.format)
             print(f"exported {args.checkpoint} to {out}")
         else:
             ckpt = import_checkpoint(args.hf_dir, args.out_dir, args.name)

@@ -76,6 +76,14 @@ def test_each_stage_leaves_manifest_and_checkpoint(finished_run):
     assert all(len(sha) == 64 for sha in pre["data_inputs"].values())
 
 
+def test_run_ends_with_summary_and_report(finished_run):
+    summary = (finished_run / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary[1:]] == ["pretrain", "anneal", "long_context", "sft"]
+    report = (finished_run / "report.md").read_text()
+    assert "| sft | sft | complete | 8 |" in report and "(report/loss.png)" in report
+    assert (finished_run / "report" / "loss.png").stat().st_size > 1000
+
+
 def test_long_context_stage_trains_longer_sequences_from_the_annealed_weights(finished_run):
     ann, long = manifest(finished_run, "02_anneal"), manifest(finished_run, "03_long_context")
     assert long["status"] == "complete"
