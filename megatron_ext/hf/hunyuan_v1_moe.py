@@ -28,14 +28,14 @@ model dtype; a bf16 checkpoint is upcast on load (exact).
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor
 
 from megatron_ext.errors import ExportRefused
+from megatron_ext.hf import transformer_config_defaults
 
 MODEL_TYPE = "hunyuan_v1_moe"
 ARCHITECTURE = "HunYuanMoEV1ForCausalLM"
@@ -74,18 +74,6 @@ _FORWARD_NEUTRAL_KEYS = {
 
 def _refuse(feature: str, fix: str) -> None:
     raise ExportRefused(f"cannot export to {MODEL_TYPE}: {feature}. {fix}")
-
-
-def _megatron_defaults() -> dict[str, Any]:
-    from megatron.core.transformer import TransformerConfig
-
-    out = {}
-    for f in dataclasses.fields(TransformerConfig):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
 
 
 def _expert_width(cfg: Mapping) -> int:
@@ -170,7 +158,7 @@ def check_exportable(model_cfg: Mapping) -> None:
                 "hunyuan_v1_moe rotates the whole head")
     if cfg.get("rotary_interleaved"):
         _refuse("interleaved RoPE (model.rotary_interleaved)", "hunyuan_v1_moe rotates halves")
-    defaults = _megatron_defaults()
+    defaults = transformer_config_defaults()
     for key, value in cfg.items():
         if key in _HANDLED_KEYS or key in _FORWARD_NEUTRAL_KEYS:
             continue

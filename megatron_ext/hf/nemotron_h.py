@@ -35,14 +35,14 @@ are and a client should never sample them (e.g. ``generate(suppress_tokens=...)`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor
 
 from megatron_ext.errors import ConfigError, ExportRefused
+from megatron_ext.hf import transformer_config_defaults
 from megatron_ext.models.turbos_layout import compile_layout
 
 MODEL_TYPE = "nemotron_h"
@@ -75,22 +75,9 @@ _NEUTRAL_KEYS = {
 _NEUTRAL_PREFIXES = ("moe_",)  # only used by MoE layers, which are refused
 
 
-@functools.lru_cache(maxsize=1)
-def _transformer_config_defaults() -> dict[str, Any]:
-    from megatron.core.transformer import TransformerConfig
-
-    out = {}
-    for f in dataclasses.fields(TransformerConfig):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
 def _get(model_cfg: Mapping, key: str):
     value = model_cfg.get(key)
-    return _transformer_config_defaults().get(key) if value is None else value
+    return transformer_config_defaults().get(key) if value is None else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +124,7 @@ def _dims(model_cfg: Mapping) -> _Dims:
     for key, value in model_cfg.items():
         if key in _MAPPED_KEYS or key in _NEUTRAL_KEYS or key.startswith(_NEUTRAL_PREFIXES) or value is None:
             continue
-        default = _transformer_config_defaults().get(key, dataclasses.MISSING)
+        default = transformer_config_defaults().get(key, dataclasses.MISSING)
         if default is dataclasses.MISSING or value != default:
             _refuse(f"model.{key}={value!r} is not handled by the nemotron_h mapping",
                     f"remove it (default {default!r}) or extend megatron_ext/hf/nemotron_h.py")
