@@ -46,24 +46,29 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from torch import Tensor
-
 from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_get_concentration_factor_from_config,
 )
-from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    all_gather_last_dim_from_tensor_parallel_region,
+)
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.attention import Attention, SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import (
+    Attention,
+    SelfAttention,
+    SelfAttentionSubmodules,
+)
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import deprecate_inference_params, get_pg_rank
+from torch import Tensor
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.norms import SequenceParallelTorchNorm
+from megatron_ext.models.sdpa_attention import FastSpecProvider
 
 __all__ = [
     "CLAKVStore",
@@ -662,14 +667,14 @@ def cla_attention_specs(
 ) -> tuple[ModuleSpec, ModuleSpec]:
     """(producer, consumer) attention specs of one model chunk, sharing one :class:`CLAKVStore`.
 
-    Local (non-TE) megatron modules; QK-norm when ``config.qk_layernorm`` (norm weights keep
+    Local (non-TE) megatron modules (core attention on torch SDPA on GPUs); QK-norm when ``config.qk_layernorm`` (norm weights keep
     megatron's names ``q_layernorm`` / ``k_layernorm``, which ``finalize_model_grads`` sums over TP).
     Layer ``i`` of the chunk uses the producer when ``i % cla_share_factor == 0``; with a share factor
     of 1 every layer is a producer, i.e. plain self-attention. Call once per model chunk, so each chunk
     gets its own store; the chunk must start at a group boundary (see :func:`validate_cla_layout`).
     """
     validate_cla_config(config, cla_share_factor)
-    backend = LocalSpecProvider()
+    backend = FastSpecProvider(config)   # local modules; SDPA core attention on GPUs
     store = CLAKVStore(cla_share_factor)
     qk_norm = SequenceParallelTorchNorm if config.qk_layernorm else None
     params = {"cla_share_factor": cla_share_factor, "kv_store": store,

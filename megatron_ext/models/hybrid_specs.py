@@ -16,7 +16,6 @@ parameter names differ from the TE spec's (``norm.weight`` vs ``mixer.in_proj.la
 from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
@@ -36,6 +35,7 @@ from megatron_ext.errors import ConfigError
 from megatron_ext.models import mamba_torch
 from megatron_ext.models.norms import SequenceParallelTorchNorm
 from megatron_ext.models.recycle_routing import moe_module_spec
+from megatron_ext.models.sdpa_attention import FastSpecProvider
 
 
 class MambaStackWithFinalNormSpec(MambaStack):
@@ -64,7 +64,7 @@ class _NoMoEConfigured:
         )
 
 
-def _attention(config: TransformerConfig, backend: LocalSpecProvider) -> ModuleSpec:
+def _attention(config: TransformerConfig, backend: FastSpecProvider) -> ModuleSpec:
     qk_norm = SequenceParallelTorchNorm if config.qk_layernorm else IdentityOp
     return ModuleSpec(
         module=SelfAttention,
@@ -89,7 +89,7 @@ def hybrid_stack_spec(config: TransformerConfig, mamba_chunk_size: int = 128,
     mamba_torch.apply()  # before importing mamba_mixer: it needs triton or the stand-in
     from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
 
-    backend = LocalSpecProvider()
+    backend = FastSpecProvider(config)   # local modules; SDPA core attention on GPUs
     mamba_layer = ModuleSpec(
         module=MambaLayer,
         submodules=MambaLayerSubmodules(

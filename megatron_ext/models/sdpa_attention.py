@@ -1,0 +1,110 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` (cuDNN / flash kernels).
+
+megatron-core's local ``DotProductAttention`` materialises the [b, heads, sq, sk] score matrix and runs
+an unfused softmax: on an H200 without Transformer Engine it takes most of a dense model's step
+(issue 10: SDPA is about 14x faster for one layer forward + backward). This module is a drop-in
+``core_attention`` with the same constructor, inputs and output, and no parameters, so checkpoints
+do not change. :func:`core_attention_for` picks it where it computes the same thing (GPUs, causal
+attention, no sliding window or softmax offset); the CPU path keeps ``DotProductAttention``.
+
+Masks follow megatron-core: ``attention_mask`` True marks positions that must not be attended. With
+no mask, attention is causal over aligned query / key positions (sq == sk), or unmasked for one new
+query token (sq == 1, a decode step): exactly the cases the local module handles without a mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+from torch import Tensor
+
+
+class SDPAAttention(MegatronModule):
+    """``DotProductAttention``'s contract on torch SDPA: [sq, b, np, hn] queries, [sk, b, ng, hn] keys /
+    values (grouped-query heads are shared inside the kernel, not copied) -> [sq, b, np * hn]."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None):
+        super().__init__(config=config)
+        assert config.context_parallel_size == 1, "context parallelism needs Transformer Engine's attention"
+        assert unsupported_reason(config) is None, unsupported_reason(config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
+        self.heads_per_partition = divide(config.num_attention_heads, pg_collection.tp.size())
+        # apply_query_key_layer_scaling divides the scores by the layer number and the softmax
+        # multiplies them back: the probabilities only ever see 1 / sqrt(head_dim)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params=None) -> Tensor:
+        assert packed_seq_params is None, "packed sequences need Transformer Engine's attention"
+        assert attention_bias is None, "attention_bias is not supported by SDPAAttention"
+        sq, b, np_, hn = query.shape
+        sk = key.shape[0]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, heads, s, hn]
+        mask, causal = None, False
+        if attention_mask is not None:
+            mask = ~attention_mask   # megatron: True = masked out; SDPA: True = attend
+        elif (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and sq > 1:
+            assert sq == sk, "a multi-token step against a longer cache needs an explicit attention_mask"
+            causal = True
+        dropout = self.dropout_p if self.training else 0.0
+
+        def attend() -> Tensor:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                  scale=self.softmax_scale, enable_gqa=k.shape[1] != np_)
+
+        if dropout > 0 and not self.config.sequence_parallel:
+            with get_cuda_rng_tracker().fork():   # as DotProductAttention: TP ranks drop different heads
+                out = attend()
+        else:
+            out = attend()
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+
+def unsupported_reason(config: TransformerConfig) -> str | None:
+    """Why SDPA would compute something else than ``DotProductAttention`` for this config, or None."""
+    if config.window_size is not None:
+        return "sliding-window attention"
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        return f"softmax_type={config.softmax_type}"
+    if config.context_parallel_size != 1:
+        return "context parallelism"
+    return None
+
+
+def core_attention_for(config: TransformerConfig) -> type:
+    """SDPA on GPUs when it computes the same attention, else megatron-core's local module (CPU)."""
+    from megatron_ext import cpu_backend
+
+    if torch.cuda.is_available() and not cpu_backend.is_enabled() and unsupported_reason(config) is None:
+        return SDPAAttention
+    return DotProductAttention
+
+
+class FastSpecProvider(LocalSpecProvider):
+    """megatron-core's local modules, with the core attention :func:`core_attention_for` chooses."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self._core_attention = core_attention_for(config)
+
+    def core_attention(self) -> type:
+        return self._core_attention
