@@ -1,4 +1,4 @@
-"""Peak memory of a Hugging Face export against the checkpoint's size.
+"""Peak memory of a Hugging Face export (and of importing it back) against the checkpoint's size.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/hf_export_memory.py [--hidden 512 --layers 8 --experts 16]
 
@@ -7,7 +7,7 @@ flags) as a checkpoint, then exports it in a fresh process and reads that proces
 memory. The baseline is a process that only imports torch, megatron-core and the exporter and starts
 the process group (what every export pays before reading a tensor); the export's own cost is the
 difference, compared with the checkpoint's size, the largest layer and the shard size. Streaming
-export should cost about one shard plus one layer, not the model.
+export and import should cost about one shard plus one layer, not the model.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from omegaconf import OmegaConf
 from launch.config import load_config
 from megatron_ext.quiet import quiet_known_warnings
 quiet_known_warnings()
-from megatron_ext.hf.checkpoint_layers import build_single, save_model_state, single_process
+from megatron_ext import checkpointing
+from megatron_ext.hf.checkpoint_layers import build_single, single_process
 cfg = load_config(sys.argv[2:]).model
 with single_process():
     model = build_single(cfg, 512, device="cpu")
-    save_model_state(Path(sys.argv[1]), model)
+    checkpointing.save(Path(sys.argv[1]).parent, 0, model)
     layer = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.startswith("decoder.layers.0."))
     total = sum(p.numel() * p.element_size() for p in model.parameters())
 OmegaConf.save(cfg, Path(sys.argv[1]).parent / "model.yaml", resolve=True)
@@ -95,6 +96,8 @@ def main() -> None:
         export_mb, export_s = peak_rss_mb([sys.executable, "-m", "megatron_ext.hf.convert", "export", str(ckpt),
                                            str(Path(tmp) / "hf"), "--model-config", str(ckpt.parent / "model.yaml"),
                                            "--max-shard-size", args.shard])
+        import_mb, import_s = peak_rss_mb([sys.executable, "-m", "megatron_ext.hf.convert", "import",
+                                           str(Path(tmp) / "hf"), str(Path(tmp) / "imported")])
     base_mb, _ = peak_rss_mb([sys.executable, "-c", BASELINE])
     mb = 1e6 / 2**20   # decimal MB (shard sizes) in MiB
     result = {
@@ -107,12 +110,15 @@ def main() -> None:
         "export_cost_over_checkpoint": (export_mb - base_mb) / (ckpt_bytes / 2**20),
         "shard_plus_layer_mib": float(args.shard.rstrip("MB")) * mb + layer_bytes / 2**20,
         "export_s": export_s,
+        "import": {"peak_rss_mib": import_mb, "cost_mib": import_mb - base_mb,
+                   "cost_over_checkpoint": (import_mb - base_mb) / (ckpt_bytes / 2**20), "seconds": import_s},
     }
     write_result(args.out, result)
     print(f"checkpoint {result['checkpoint_mib']:.0f} MiB, largest layer {layer_bytes / 2**20:.0f} MiB, shard "
           f"limit {args.shard}: export peak {export_mb:.0f} MiB - baseline {base_mb:.0f} MiB = "
           f"{result['export_cost_mib']:.0f} MiB ({100 * result['export_cost_over_checkpoint']:.0f}% of the "
-          f"checkpoint; shard + layer = {result['shard_plus_layer_mib']:.0f} MiB), {export_s:.1f} s")
+          f"checkpoint; shard + layer = {result['shard_plus_layer_mib']:.0f} MiB), {export_s:.1f} s; import of "
+          f"that folder: {import_mb - base_mb:.0f} MiB above the baseline, {import_s:.1f} s")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ A ``dist_checkpointing`` checkpoint stores global tensors, so a single process c
 it. :class:`LayerReader` builds the model once on the meta device (no memory) in the single-process
 layout, takes megatron-core's sharded state dict of it (which knows every module's global key, layer
 offset and SwiGLU / Mamba split) and loads only the entries of one layer at a time: peak memory is one
-layer, not the model. :func:`save_model_state` writes a single-process model's weights as a checkpoint
-any layout can load (the import's last step).
+layer, not the model. :class:`LayerWriter` writes one the same way (the import), as a checkpoint any
+layout can load.
 """
 
 from __future__ import annotations
@@ -190,17 +190,150 @@ def _RegionLoad():
 _REGION_LOAD = None
 
 
-def save_model_state(path: Path, model: torch.nn.Module, progress: dict | None = None) -> Path:
-    """Write ``model`` (single-process layout) as a checkpoint folder that loads under any layout."""
-    from megatron_ext import checkpointing
+class LayerWriter:
+    """Write a checkpoint one layer at a time (the import): peak memory is one layer, not the model.
 
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
+    Each layer is saved by megatron-core as a partial checkpoint (its share of the global tensors,
+    in the single-process layout), then :meth:`finish` merges the partials' torch-DCP metadata and
+    files into one checkpoint folder, the same one a whole-model save writes, loadable under any layout.
+    """
+
+    def __init__(self, path: Path, model_cfg: Mapping[str, Any], vocab_size: int):
         from megatron_ext.errors import ConfigError
 
-        raise ConfigError(f"{path} exists and is not empty: choose a new output folder (nothing is overwritten)")
-    path.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.sharded_state_dict(), "progress": dict(progress or {}, step=0, world_size=1,
-                                                                   model_parallel=checkpointing.model_parallel_sizes())}
-    checkpointing.dist_checkpointing_save(state, str(path))
-    return path
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()):
+            raise ConfigError(f"{path} exists and is not empty: choose a new output folder (nothing is overwritten)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        model = build_single(model_cfg, vocab_size)
+        self._entries = model.sharded_state_dict()   # tensors, factories and the modules' extra state
+        self._partials: list[Path] = []
+        self._outer: Path | None = None
+
+    def _names(self, layer: int | None) -> list[str]:
+        def layer_of(name: str) -> int | None:
+            m = _LAYER.match(name)
+            return int(m.group(1)) if m else None
+        return [n for n in self._entries if layer_of(n) == layer]
+
+    def _save(self, tensors: Mapping[str, torch.Tensor], names: list[str], common: dict | None = None) -> None:
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        unknown = sorted(set(tensors) - set(names))
+        assert not unknown, f"tensors the model does not have: {unknown[:5]}"
+        request: dict[str, Any] = dict(common or {})
+        for name in names:
+            entry = self._entries[name]
+            if isinstance(entry, (ShardedTensor, ShardedTensorFactory)):
+                if name not in tensors:
+                    raise KeyError(f"no tensor given for {name}")
+                entry = copy.copy(entry)
+                entry.data = tensors[name].contiguous()
+                assert entry.data.shape == self._entries[name].data.shape, (name, entry.data.shape)
+            request[name] = entry
+        partial = self.path / f".partial-{len(self._partials):05d}"
+        partial.mkdir()
+        _save_partial(request, partial)
+        self._partials.append(partial)
+        if common:
+            self._outer = partial
+
+    def write_layer(self, layer: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """``tensors``: layer ``layer``'s parameters named without the ``decoder.layers.<i>.`` prefix."""
+        prefix = f"decoder.layers.{layer}."
+        self._save({prefix + k: v for k, v in tensors.items()}, self._names(layer))
+
+    def write_outer(self, tensors: Mapping[str, torch.Tensor], progress: dict | None = None) -> None:
+        from megatron_ext import checkpointing
+
+        progress = dict(progress or {}, step=0, world_size=1, model_parallel=checkpointing.model_parallel_sizes())
+        self._save(tensors, self._names(None), common={"progress": progress})
+
+    def finish(self) -> Path:
+        """Merge the partial checkpoints into ``path`` (the outer partial carries common.pt)."""
+        assert self._outer is not None, "write_outer first"
+        import os
+        import pickle
+        import shutil
+
+        from torch.distributed.checkpoint import FileSystemReader
+
+        merged = None
+        for i, partial in enumerate(self._partials):
+            md = FileSystemReader(str(partial)).read_metadata()
+            for index, info in md.storage_data.items():
+                info.relative_path = f"p{i:05d}{info.relative_path}"
+            for file in partial.glob("*.distcp"):
+                os.replace(file, self.path / f"p{i:05d}{file.name}")
+            if merged is None:
+                merged = md
+            else:
+                for key, meta in md.state_dict_metadata.items():
+                    if key in merged.state_dict_metadata and hasattr(meta, "chunks"):
+                        merged.state_dict_metadata[key].chunks.extend(meta.chunks)
+                    else:
+                        merged.state_dict_metadata[key] = meta
+                merged.storage_data.update(md.storage_data)
+        shutil.copy(self._outer / "common.pt", self.path / "common.pt")   # the progress record
+        shutil.copy(self._outer / "metadata.json", self.path / "metadata.json")
+        merged.all_local_plans = None
+        with open(self.path / ".metadata", "wb") as f:
+            pickle.dump(merged, f)
+        for partial in self._partials:
+            shutil.rmtree(partial)
+        return self.path
+
+
+def _save_partial(state: dict, path: Path) -> None:
+    """Write part of a model's sharded state dict as a torch_dist checkpoint folder.
+
+    megatron-core's own save cannot: in one process it takes the other layers' fragments of a stacked
+    tensor for this rank's and refuses. This writes the same files (torch DCP shards + .metadata,
+    megatron-core's common.pt and metadata.json) with a planner that declares exactly the given chunks.
+    """
+    import io
+    import json
+
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    common = {k: v for k, v in state.items() if k == "progress"}
+    sharded = {k: v for k, v in state.items() if k != "progress"}
+    apply_factories(sharded)   # SwiGLU / Mamba factories -> the sharded tensors they store
+    data: dict[tuple, Any] = {}
+    items = []
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor):
+            t = sh.data.contiguous().view((1,) * sh.prepend_axis_num + tuple(sh.data.shape))
+            offsets = torch.Size(sh.global_offset)
+            items.append(WriteItem(index=MetadataIndex(sh.key, offsets), type=WriteItemType.SHARD,
+                                   tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets, t.shape),
+                                                               properties=TensorProperties.create_from_tensor(t),
+                                                               size=torch.Size(sh.global_shape))))
+            data[(sh.key, tuple(offsets))] = t
+        else:
+            assert isinstance(sh, ShardedObject), sh
+            buffer = io.BytesIO()
+            torch.save([sh.data], buffer)   # as megatron-core stores a rank's objects of one key
+            buffer.seek(0)
+            items.append(WriteItem(index=MetadataIndex(sh.unique_key), type=WriteItemType.BYTE_IO))
+            data[(sh.unique_key, ())] = buffer
+
+    class Planner(DefaultSavePlanner):
+        def create_local_plan(self) -> SavePlan:
+            self.plan = SavePlan(items, planner_data={})
+            return self.plan
+
+        def resolve_data(self, write_item: WriteItem):
+            return data[(write_item.index.fqn, tuple(write_item.index.offset or ()))]
+
+    dcp_save({}, storage_writer=FileSystemWriter(str(path), single_file_per_rank=True, thread_count=1),
+             planner=Planner(), no_dist=True)
+    data.clear()   # the planner class is in a reference cycle: free the layer now, not at the next GC
+    torch.save(common, path / "common.pt")
+    (path / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                    "common_backend": "torch", "common_backend_version": 1}))

@@ -10,10 +10,10 @@ follows the model family (``hunyuan_moe`` -> ``hunyuan_v1_moe``, ``turbos_hybrid
 the family's adapter refuses, before anything is written, a model the format cannot represent; such
 a model exports with ``--format remote`` (:mod:`remote_code`: our own model class in the folder).
 
-Import builds the model in the single-process layout, fills it from the HF tensors a layer at a time
-and saves an ordinary checkpoint, which loads under any layout (``stages.<name>.init_from=...``),
-plus ``model/<name>.yaml`` (use with ``--config-dir <out_dir> model=<name>``) and the tokenizer. Its
-peak memory is the model (the checkpoint is written in one collective save).
+Import converts the HF tensors a layer at a time and writes each layer as it goes
+(:class:`checkpoint_layers.LayerWriter`), so its peak memory is also about one layer: an ordinary
+checkpoint, which loads under any layout (``stages.<name>.init_from=...``), plus ``model/<name>.yaml``
+(use with ``--config-dir <out_dir> model=<name>``) and the tokenizer.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from megatron_ext.errors import ConfigError, ExportRefused
-from megatron_ext.hf.checkpoint_layers import LayerReader, build_single, save_model_state, single_process
+from megatron_ext.hf.checkpoint_layers import LayerReader, LayerWriter, single_process
 from megatron_ext.hf.remote_code import FORMATS as REMOTE
 from megatron_ext.hf.remote_code import RemoteFormat
 from megatron_ext.hf.safetensors_shards import SafetensorsFolder, ShardWriter, parse_size
@@ -175,27 +175,13 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, name: str = "impo
     tensors = SafetensorsFolder(hf_dir)
     ckpt = out / "checkpoint"
     with single_process():
-        model = build_single(model_cfg, int(hf_cfg["vocab_size"]), device="cpu")
-        params = model.state_dict()
-        filled: set[str] = set()
-
-        def fill(prefix: str, converted: Mapping[str, torch.Tensor]) -> None:
-            for key, value in converted.items():
-                target = params[prefix + key]
-                if target.shape != value.shape:
-                    raise ConfigError(f"{hf_dir}: {prefix + key} has shape {tuple(value.shape)}, the model "
-                                      f"built from config.json expects {tuple(target.shape)}")
-                with torch.no_grad():
-                    target.copy_(value)
-                filled.add(prefix + key)
-
-        fill("", adapter.outer_from_hf(tensors.get(adapter.hf_outer_keys(model_cfg)), model_cfg))
+        writer = LayerWriter(ckpt, model_cfg, int(hf_cfg["vocab_size"]))
         for layer in range(int(model_cfg["num_layers"])):
             got = tensors.get(adapter.hf_layer_keys(layer, model_cfg))
-            fill(f"decoder.layers.{layer}.", adapter.layer_from_hf(layer, got, model_cfg))
-        unfilled = sorted(k for k in params if k not in filled and not k.endswith("_extra_state"))
-        assert not unfilled, f"the adapter left parameters unset: {unfilled[:5]}"
-        save_model_state(ckpt, model, progress={"imported_from": str(hf_dir)})
+            writer.write_layer(layer, adapter.layer_from_hf(layer, got, model_cfg))
+        outer = tensors.get(adapter.hf_outer_keys(model_cfg))
+        writer.write_outer(adapter.outer_from_hf(outer, model_cfg), progress={"imported_from": str(hf_dir)})
+        writer.finish()
     OmegaConf.save(OmegaConf.create(model_cfg), ckpt / MODEL_CONFIG_FILE)
     (out / "model").mkdir(exist_ok=True)
     OmegaConf.save(OmegaConf.create(model_cfg), out / "model" / f"{name}.yaml")
