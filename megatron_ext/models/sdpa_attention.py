@@ -10,6 +10,8 @@ attention, no sliding window or softmax offset); the CPU path keeps ``DotProduct
 Masks follow megatron-core: ``attention_mask`` True marks positions that must not be attended. With
 no mask, attention is causal over aligned query / key positions (sq == sk), or unmasked for one new
 query token (sq == 1, a decode step): exactly the cases the local module handles without a mask.
+One difference, outside what our models produce: a query row whose keys are all masked gets NaN from
+SDPA, where the local softmax (masked scores set to -10000) averages every value uniformly.
 """
 
 from __future__ import annotations
