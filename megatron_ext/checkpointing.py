@@ -223,7 +223,7 @@ def _materialize_optimizer_state(optimizer) -> None:
             for p in group["params"]:
                 state = torch_opt.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = _adam_step(group, p, 0.0)
                     state["exp_avg"] = torch.zeros_like(p.data)
                     state["exp_avg_sq"] = torch.zeros_like(p.data)
 
@@ -242,7 +242,15 @@ def _restore_adam_steps(optimizer) -> None:
             if "step" not in group:
                 continue
             for p in group["params"]:
-                torch_opt.state[p]["step"] = torch.tensor(float(group["step"]))
+                torch_opt.state[p]["step"] = _adam_step(group, p, float(group["step"]))
+
+
+def _adam_step(group: dict, param: torch.Tensor, value: float) -> torch.Tensor:
+    """An Adam ``step`` tensor where torch keeps it: on the parameter's device for the fused kernel
+    (``optim.use_fused_adam``), a CPU scalar otherwise."""
+    if group.get("fused"):
+        return torch.tensor(value, dtype=torch.float32, device=param.device)
+    return torch.tensor(value)
 
 
 def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = False) -> dict:
