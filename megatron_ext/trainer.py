@@ -182,8 +182,15 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------
     def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
-        # each chunk reads the step's micro-batches (only the first and last stages use them)
-        data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
+        # each chunk reads the step's micro-batches (only the first and last stages use them), moved to
+        # the model's device one at a time as the schedule asks for them (datasets yield CPU tensors)
+        device = next(self.chunks[0].parameters()).device
+
+        def on_device():
+            for batch in microbatches:
+                yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+        data = [on_device() for _ in self.chunks] if len(self.chunks) > 1 else on_device()
         return self._fwd_bwd(
             forward_step_func=self.forward_step,
             data_iterator=data,
