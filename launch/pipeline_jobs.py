@@ -237,13 +237,13 @@ def worker_env(parallel: DictConfig, cluster: DictConfig) -> dict[str, str]:
     return env
 
 
-def _copy_output(pipe, log) -> None:
+def _copy_output(pipe, log_file) -> None:
     """Stream a stage's output to the console and its log as it arrives (progress bars included)."""
     while chunk := os.read(pipe.fileno(), 65536):
         sys.stdout.buffer.write(chunk)
         sys.stdout.flush()
-        log.write(chunk)
-        log.flush()
+        log_file.write(chunk)
+        log_file.flush()
 
 
 def _launch(sdir: Path, name: str, cfg: DictConfig) -> Rendezvous:
