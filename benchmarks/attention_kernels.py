@@ -11,7 +11,6 @@ each over 20 runs after 5 warm-up runs. Writes benchmarks/results/attention_kern
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import time
@@ -52,9 +51,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark compares GPU kernels"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        single_rank_env(s.getsockname()[1])
+    single_rank_env()
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType

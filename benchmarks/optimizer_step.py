@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import socket
 import statistics
 import sys
 import time
@@ -82,9 +81,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark measures the GPU optimizer"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        single_rank_env(s.getsockname()[1])
+    single_rank_env()
     from launch.config import load_config
     from megatron_ext import distributed
 

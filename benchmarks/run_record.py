@@ -32,9 +32,15 @@ def command(*env_vars: str) -> str:
     return " ".join([*prefix, Path(sys.executable).name, *sys.argv])
 
 
-def single_rank_env(port: int) -> None:
+def single_rank_env(port: int | None = None) -> None:
     """The variables ``megatron_ext.distributed.initialize`` reads from torchrun, for one rank started
-    in this process."""
+    in this process (``port=None``: a free one)."""
+    if port is None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
         os.environ.setdefault(key, value)

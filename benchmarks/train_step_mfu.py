@@ -15,7 +15,6 @@ bf16 matmul peak measured in the same run, and peak memory to benchmarks/results
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import tempfile
@@ -95,9 +94,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark measures GPU training"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        single_rank_env(s.getsockname()[1])
+    single_rank_env()
     from launch.config import load_config
     from megatron_ext import distributed, model_builder, optim
     from megatron_ext.metrics import MetricsWriter
