@@ -2,6 +2,7 @@
 
     python benchmarks/train_step_mfu.py --shape dense [--plain] [--steps 5]
     python benchmarks/train_step_mfu.py --shape moe   [--plain]
+    python benchmarks/train_step_mfu.py --shape dense --recompute {selective,full}
 
 Builds the shape from our model presets (``SHAPES``: issue 10's baseline shapes), bf16 with fp32 main
 weights and the distributed optimizer, and runs our Trainer on random tokens: 2 warm-up steps, then
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                        help="activation recomputation: selective (core attention) or full (every layer)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark measures GPU training"
     single_rank_env()
@@ -103,6 +106,11 @@ def main() -> None:
     if args.plain:
         use_plain_megatron_core()
     overrides, mbs = SHAPES[args.shape]
+    if args.recompute == "selective":
+        overrides = [*overrides, "+model.recompute_granularity=selective"]
+    elif args.recompute == "full":
+        overrides = [*overrides, "+model.recompute_granularity=full", "+model.recompute_method=uniform",
+                     "+model.recompute_num_layers=1"]
     gbs = TOKENS_PER_STEP // SEQ
     cfg = load_config([*overrides, f"model.seq_length={SEQ}", f"stages.pretrain.train.micro_batch_size={mbs}",
                        f"stages.pretrain.train.global_batch_size={gbs}", "stages.pretrain.train.eval_iters=1"])
@@ -136,6 +144,7 @@ def main() -> None:
         "command": command(), "commit": git_commit(), "machine": machine(),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "shape": args.shape, "path": "plain megatron-core" if args.plain else "turbolaser fast path",
+        "recompute": args.recompute,
         "params": n_params, "seq_length": SEQ, "micro_batch": mbs, "tokens_per_step": gbs * SEQ,
         "step_s": step_s, "tokens_per_s": tokens_per_s, "model_tflops": model_tflops,
         "matmul_peak_tflops": peak, "mfu": model_tflops / peak,
@@ -143,7 +152,8 @@ def main() -> None:
         "flops_per_token": flops_per_token(cfg.model, SEQ, VOCAB),
     }
     name = torch.cuda.get_device_name().split()[-1].lower()
-    out = REPO / "benchmarks" / "results" / f"train_step_{args.shape}{'_plain' if args.plain else ''}_{name}.json"
+    tag = f"{args.shape}{'_plain' if args.plain else ''}{'' if args.recompute == 'none' else '_' + args.recompute}"
+    out = REPO / "benchmarks" / "results" / f"train_step_{tag}_{name}.json"
     write_result(out, result)
     print({k: v for k, v in result.items() if k not in ("machine",)})
     distributed.destroy()
