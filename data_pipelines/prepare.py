@@ -68,6 +68,11 @@ def prepare_data(data_cfg: Mapping, out_dir: str | os.PathLike, seed: int) -> Pr
     return _prepared_from_manifest(out_dir, manifest)
 
 
+def prepared_tokenizer(data_cfg: Mapping, out_dir: str | os.PathLike, seed: int):
+    """The tokenizer of a run's prepared data (what a stage needs that reads no corpus itself)."""
+    return load_tokenizer(prepare_data(data_cfg, out_dir, seed).tokenizer_dir)
+
+
 def resolve_mix(prepared: PreparedData, mix: Mapping[str, float]) -> dict[str, float]:
     """Validated mix: sources sorted by name, zero weights dropped, weights summing to 1.
 

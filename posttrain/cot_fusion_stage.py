@@ -20,8 +20,7 @@ import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
-from data_pipelines.prepare import prepare_data
-from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.prepare import prepared_tokenizer
 from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks, verify
 from megatron_ext import checkpointing
 from megatron_ext.errors import ConfigError
@@ -51,8 +50,7 @@ def _held_out(item_id: str, fraction: float, seed: int) -> bool:
 def run(ctx: StageContext) -> StageResult:
     cfg, st, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.model_cfg
     fusion, seed = st.fusion, int(cfg.seed)
-    prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
-    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    tokenizer = prepared_tokenizer(cfg.data, ctx.run_dir / "data", cfg.seed)
     model = build_stage_model(ctx, tokenizer)
 
     def produce():

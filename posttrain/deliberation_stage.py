@@ -25,8 +25,7 @@ import importlib
 import json
 from dataclasses import asdict
 
-from data_pipelines.prepare import prepare_data
-from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.prepare import prepared_tokenizer
 from data_pipelines.verifiable_tasks import generate_tasks, split_tasks, verify
 from megatron_ext import checkpointing
 from megatron_ext.errors import ConfigError
@@ -73,8 +72,7 @@ def run(ctx: StageContext) -> StageResult:
         raise ConfigError(f"{field}.references is empty: name at least one earlier stage or checkpoint "
                           f"for the candidate to battle")
     panel = judge_panel(st.judges, f"{field}.judges")
-    prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
-    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    tokenizer = prepared_tokenizer(cfg.data, ctx.run_dir / "data", cfg.seed)
     model = build_stage_model(ctx, tokenizer)
     round_dir = ctx.stage_dir / "round"
 

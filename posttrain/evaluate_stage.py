@@ -25,8 +25,7 @@ from pathlib import Path
 from megatron.core import parallel_state
 
 from data_pipelines.eval_sets import answers_equivalent, load_eval_set
-from data_pipelines.prepare import prepare_data
-from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.prepare import prepared_tokenizer
 from megatron_ext import model_builder
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator, SamplingParams
@@ -64,8 +63,7 @@ def run(ctx: StageContext) -> StageResult:
         raise ConfigError(f"stages.{ctx.name}: nothing to evaluate; put a stage before it in pipeline.order "
                           f"or set stages.{ctx.name}.init_from to a checkpoint")
     seed = int(cfg.seed)
-    prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
-    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    tokenizer = prepared_tokenizer(cfg.data, ctx.run_dir / "data", cfg.seed)
     vocab = model_builder.model_vocab_size(model_cfg, tokenizer)
     chunks = load_frozen_model(ctx, tokenizer, ctx.parent_checkpoint)
     k, mbs = int(st.k), int(st.micro_batch_size)

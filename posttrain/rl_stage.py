@@ -32,8 +32,7 @@ from megatron.core import parallel_state
 from data_pipelines.code_tasks import generate_code_tasks, load_code_tasks
 from data_pipelines.eval_sets import load_eval_set
 from data_pipelines.instruction_prompts import generate_instruction_prompts
-from data_pipelines.prepare import prepare_data
-from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.prepare import prepared_tokenizer
 from data_pipelines.verifiable_tasks import generate_tasks, split_tasks
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator, SamplingParams
@@ -152,8 +151,7 @@ def run(ctx: StageContext) -> StageResult:
         raise ConfigError(f"stages.{ctx.name}: RL starts from a trained policy; put a stage before it in "
                           f"pipeline.order or set stages.{ctx.name}.init_from")
     seed = int(cfg.seed)
-    prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
-    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    tokenizer = prepared_tokenizer(cfg.data, ctx.run_dir / "data", cfg.seed)
     settings = rl_settings(st)
     c_ref_file = ctx.stage_dir / "laser_c_ref.json"
     settings.c_ref = _known_c_ref(ctx, settings.c_ref, c_ref_file)

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from data_pipelines.prepare import prepare_data
-from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.prepare import prepared_tokenizer
 from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.stage_training import build_stage_model
@@ -38,8 +37,7 @@ def sft_examples(tasks: Sequence[Task], tokenizer, thinking: str | None) -> list
 def run(ctx: StageContext) -> StageResult:
     cfg, st, model_cfg = ctx.cfg, ctx.stage_cfg, ctx.model_cfg
     tasks_cfg = st.tasks
-    prepared = prepare_data(cfg.data, ctx.run_dir / "data", cfg.seed)
-    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    tokenizer = prepared_tokenizer(cfg.data, ctx.run_dir / "data", cfg.seed)
 
     tasks = generate_tasks(list(tasks_cfg.kinds), int(tasks_cfg.num_tasks), int(cfg.seed),
                            difficulties=list(tasks_cfg.difficulties))
