@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.run_record import REPO, command, git_commit, machine, single_rank_env, write_result  # noqa: E402
+from benchmarks.run_record import cuda_seconds, gpu_record, gpu_result_path, single_rank_env, write_result  # noqa: E402,E501
 
 
 def run(module, q, k, v, grad) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -31,15 +30,9 @@ def run(module, q, k, v, grad) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 def timed(module, q, k, v, grad, iters: int = 20, warmup: int = 5) -> float:
     inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    times = []
-    for i in range(warmup + iters):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        module(*inputs, attention_mask=None).backward(grad)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [cuda_seconds(lambda: module(*inputs, attention_mask=None).backward(grad))
+             for _ in range(warmup + iters)]
+    return statistics.median(times[warmup:])
 
 
 def main() -> None:
@@ -76,9 +69,7 @@ def main() -> None:
     q, k, v = (torch.randn(s, generator=gen, device="cuda", dtype=torch.bfloat16) for s in (shape_q, shape_kv, shape_kv))
     grad = torch.randn(args.seq, args.batch, h * d, generator=gen, device="cuda", dtype=torch.bfloat16)
     ref_out, ref_grads = run(make(DotProductAttention, False), q.float(), k.float(), v.float(), grad.float())
-    result = {"command": command(), "commit": git_commit(), "machine": machine(),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "shape": {"seq": args.seq, "batch": args.batch, "heads": h, "groups": g, "head_dim": d}}
+    result = {**gpu_record(), "shape": {"seq": args.seq, "batch": args.batch, "heads": h, "groups": g, "head_dim": d}}
     for name, cls in (("local_dot_product", DotProductAttention), ("sdpa", SDPAAttention)):
         module = make(cls, True)
         out, grads = run(module, q, k, v, grad)
@@ -89,8 +80,7 @@ def main() -> None:
         }
         torch.cuda.empty_cache()
     result["speedup"] = result["local_dot_product"]["fwd_bwd_ms"] / result["sdpa"]["fwd_bwd_ms"]
-    name = torch.cuda.get_device_name().split()[-1].lower()
-    write_result(REPO / "benchmarks" / "results" / f"attention_kernels_{name}.json", result)
+    write_result(gpu_result_path("attention_kernels"), result)
     print(result)
     distributed.destroy()
 

@@ -15,13 +15,12 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.run_record import REPO, command, git_commit, machine, single_rank_env, write_result  # noqa: E402
+from benchmarks.run_record import cuda_seconds, gpu_record, gpu_result_path, single_rank_env, write_result  # noqa: E402,E501
 
 TRAIN = {"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.95,
          "clip_grad": 1.0, "steps": 100, "warmup_steps": 10, "lr_decay_style": "cosine", "wsd_decay_steps": 0}
@@ -48,12 +47,9 @@ def run(cfg, fused: bool, steps: int = 13, compare_after: int = 3):
     for step in range(steps):
         for p in params:   # the same gradients for both runs
             p.main_grad.copy_(torch.randn(p.main_grad.shape, generator=g, device="cuda") * 1e-3)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.step()
-        torch.cuda.synchronize()
+        seconds = cuda_seconds(opt.step)
         if step >= 3:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
         if step + 1 == compare_after:
             snapshot = [p.detach().float().cpu() for p in params]
     resumed = None
@@ -97,16 +93,14 @@ def main() -> None:
     fused, got = run(cfg, fused=True)
     diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
     scale = max(float(a.abs().max()) for a in ref)
-    result = {"command": command(), "commit": git_commit(), "machine": machine(),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    result = {**gpu_record(),
               "model": {"hidden": h, "layers": args.layers, "experts": args.experts, "params": foreach["params"]},
               "foreach_step_ms": foreach["step_ms"], "fused_step_ms": fused["step_ms"],
               "fused_param_groups": fused["fused_groups"],
               "step_counter_devices_after_resume": fused["step_counter_devices_after_resume"],
               "speedup": foreach["step_ms"] / fused["step_ms"],
               "max_abs_weight_diff_after_3_steps": diff, "max_abs_weight": scale}
-    name = torch.cuda.get_device_name().split()[-1].lower()
-    write_result(REPO / "benchmarks" / "results" / f"optimizer_step_{name}.json", result)
+    write_result(gpu_result_path("optimizer_step"), result)
     print(result)
     distributed.destroy()
 

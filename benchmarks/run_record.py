@@ -49,3 +49,31 @@ def single_rank_env(port: int | None = None) -> None:
 def write_result(out: str | os.PathLike, result: dict) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def gpu_record() -> dict:
+    """What a GPU benchmark records first: the command, commit, machine, device and torch build."""
+    import torch
+
+    return {"command": command(), "commit": git_commit(), "machine": machine(),
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+
+def gpu_result_path(stem: str) -> Path:
+    """``benchmarks/results/<stem>_<device>.json``, e.g. ``attention_kernels_h200.json``."""
+    import torch
+
+    return REPO / "benchmarks" / "results" / f"{stem}_{torch.cuda.get_device_name().split()[-1].lower()}.json"
+
+
+def cuda_seconds(fn) -> float:
+    """Wall time of ``fn()`` with the GPU's queued work finished before and after."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0

@@ -19,14 +19,13 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.run_record import REPO, command, git_commit, machine, single_rank_env, write_result  # noqa: E402
+from benchmarks.run_record import cuda_seconds, gpu_record, gpu_result_path, single_rank_env, write_result  # noqa: E402,E501
 
 VOCAB = 32768
 DENSE = ["model=tiny_large", "model.cla_share_factor=1", "model.num_moe_experts=null", "model.moe_router_topk=2",
@@ -69,12 +68,8 @@ def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+    seconds = cuda_seconds(lambda: [a @ b for _ in range(iters)])
+    return 2 * n**3 * iters / seconds / 1e12
 
 
 def use_plain_megatron_core() -> None:
@@ -128,21 +123,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(ddp, opt, sched, train, batches, None, Path(tmp),
                           MetricsWriter(Path(tmp), enabled=False, tensorboard=False), SEQ)
-        times = []
-        for step in range(args.steps + 2):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            trainer.train_step()
-            torch.cuda.synchronize()
-            if step >= 2:
-                times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+        times = [cuda_seconds(trainer.train_step) for _ in range(args.steps + 2)]
+    step_s = statistics.median(times[2:])   # after 2 warm-up steps
     tokens_per_s = gbs * SEQ / step_s
     model_tflops = flops_per_token(cfg.model, SEQ, VOCAB) * tokens_per_s / 1e12
     n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
     result = {
-        "command": command(), "commit": git_commit(), "machine": machine(),
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        **gpu_record(),
         "shape": args.shape, "path": "plain megatron-core" if args.plain else "turbolaser fast path",
         "recompute": args.recompute,
         "params": n_params, "seq_length": SEQ, "micro_batch": mbs, "tokens_per_step": gbs * SEQ,
@@ -151,10 +138,8 @@ def main() -> None:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "flops_per_token": flops_per_token(cfg.model, SEQ, VOCAB),
     }
-    name = torch.cuda.get_device_name().split()[-1].lower()
     tag = f"{args.shape}{'_plain' if args.plain else ''}{'' if args.recompute == 'none' else '_' + args.recompute}"
-    out = REPO / "benchmarks" / "results" / f"train_step_{tag}_{name}.json"
-    write_result(out, result)
+    write_result(gpu_result_path(f"train_step_{tag}"), result)
     print({k: v for k, v in result.items() if k not in ("machine",)})
     distributed.destroy()
 
