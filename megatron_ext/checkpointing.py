@@ -127,7 +127,7 @@ def save(root: Path, step: int, model, optimizer=None, scheduler=None, progress:
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["progress"] = dict(progress or {}, step=step, world_size=dist.get_world_size(),
-                             model_parallel=model_parallel_sizes())
+                             model_parallel=model_parallel_sizes(), expert_module=_expert_module(model))
     state["rng_state"] = _rng_sharded_object(rng_state())
     if async_writer is not None:
         async_writer.schedule(state, path, lambda: _mark_latest(root, path, keep_last))
@@ -253,6 +253,25 @@ def _adam_step(group: dict, param: torch.Tensor, value: float) -> torch.Tensor:
     return torch.tensor(value)
 
 
+def _expert_module(model) -> str | None:
+    from megatron_ext.models.grouped_experts import expert_module_name
+
+    return expert_module_name(_chunks(model))
+
+
+def check_same_expert_module(path, saved: str | None, current: str | None) -> None:
+    """GroupedMLP and SequentialMLP experts read each other's weights but not each other's optimizer
+    state (megatron-core stores GroupedMLP's transposed), so a resume must build the saved kind."""
+    if saved is not None and current is not None and saved != current:
+        raise ConfigError(
+            f"{path} was saved with {saved} experts; this run builds {current} (grouped GEMM is picked "
+            f"on GPUs in bf16, SequentialMLP on CPU / fp32: megatron_ext.models.grouped_experts). Model "
+            f"weights load into either, the optimizer state does not: resume on the kind of machine and "
+            f"precision that saved it, or start a new stage from these weights with init_from={path} "
+            f"(a fresh optimizer)"
+        )
+
+
 def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = False) -> dict:
     """Load model (and optimizer/scheduler when given) in place; returns the saved progress dict.
 
@@ -280,6 +299,8 @@ def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = 
             f"saved tensor/pipeline/expert sizes (the data-parallel size may change), or start a new "
             f"stage from these weights with init_from={path} (a fresh optimizer)"
         )
+    if optimizer is not None:
+        check_same_expert_module(path, saved.get("expert_module"), _expert_module(model))
     rng = restore_rng and saved_world == dist.get_world_size()
     if rng:
         request["rng_state"] = _rng_sharded_object(None)

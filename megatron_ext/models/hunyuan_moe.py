@@ -11,7 +11,9 @@ Hunyuan-specific parts come from their own modules:
 - routing: ``moe_routing_mode`` dropless / drop / recycle (:mod:`megatron_ext.models.recycle_routing`).
 
 All modules are megatron-core's local (no Transformer Engine) ones with a sequence-parallel-capable
-torch norm and SequentialMLP experts: this runs on CPU and on GPUs without TE.
+torch norm: this runs on CPU and on GPUs without TE. On GPUs two fast paths replace modules that
+compute the same thing: SDPA core attention (:mod:`megatron_ext.models.sdpa_attention`) and
+grouped-GEMM experts (:mod:`megatron_ext.models.grouped_experts`); the CPU keeps SequentialMLP.
 """
 
 from __future__ import annotations

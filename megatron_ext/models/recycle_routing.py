@@ -40,6 +40,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ext.errors import ConfigError
+from megatron_ext.models.grouped_experts import use_grouped_gemm
 
 RoutingMode = Literal["dropless", "drop", "recycle"]
 ROUTING_MODES: tuple[str, ...] = ("dropless", "drop", "recycle")
@@ -260,13 +261,14 @@ def router_builder(routing_mode: RoutingMode):
 
 
 def moe_module_spec(config: TransformerConfig, routing_mode: RoutingMode = "dropless") -> ModuleSpec:
-    """megatron-core's local MoE spec (SequentialMLP experts, SharedExpertMLP) with :class:`RecycleRouter`.
+    """megatron-core's local MoE spec (SharedExpertMLP; SequentialMLP experts, or GroupedMLP where
+    :func:`~megatron_ext.models.grouped_experts.use_grouped_gemm` picks it) with :class:`RecycleRouter`.
 
     Use in a layer spec in place of ``get_moe_module_spec_for_backend(LocalSpecProvider(), ...)``.
     """
     check_routing_config(config, routing_mode)
     spec = get_moe_module_spec_for_backend(
-        LocalSpecProvider(), num_experts=config.num_moe_experts, moe_grouped_gemm=False
+        LocalSpecProvider(), num_experts=config.num_moe_experts, moe_grouped_gemm=use_grouped_gemm(config)
     )
     spec.submodules.router = router_builder(routing_mode)
     return spec

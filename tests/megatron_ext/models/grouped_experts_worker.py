@@ -1,0 +1,117 @@
+"""Test worker (torchrun, 1 or 2 processes; expert parallelism = world size): megatron-core's
+GroupedMLP on :mod:`megatron_ext.models.grouped_experts` against SequentialMLP.
+
+    grouped_experts_worker.py <tmp_dir> <out.json>
+
+Builds one MoE layer (shared expert + 4 routed SwiGLU experts, top-2) with SequentialMLP experts,
+saves it with dist_checkpointing, and loads that checkpoint into the same layer built with GroupedMLP
+experts: the weights travel through the sharded keys both modules declare. Both layers, and bf16
+copies of both, then run the same tokens (different per rank); records the largest output, input-gradient and
+expert-weight-gradient differences, plus the bf16 errors of both against the fp32 SequentialMLP.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ext import distributed
+from megatron_ext.quiet import quiet_known_warnings
+
+SEQ, BATCH, HIDDEN, EXPERTS, FFN = 6, 3, 32, 4, 48
+
+
+def build(grouped: bool, dtype: torch.dtype):
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_ext.models import grouped_experts, recycle_routing
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=EXPERTS,
+        moe_router_topk=2, moe_ffn_hidden_size=FFN, moe_shared_expert_intermediate_size=FFN,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        moe_token_dispatcher_type="allgather", use_cpu_initialization=True,
+        gradient_accumulation_fusion=False, bias_dropout_fusion=False, params_dtype=dtype,
+        bf16=True,   # GroupedMLP asserts the flag; params_dtype decides the arithmetic
+        expert_model_parallel_size=int(os.environ.get("WORLD_SIZE", 1)),
+        moe_router_load_balancing_type="none", init_method_std=0.3,
+    )
+    recycle_routing.use_grouped_gemm = lambda config: grouped and grouped_experts.install()
+    layer = build_module(recycle_routing.moe_module_spec(config, "dropless"), config=config)
+    layer.set_layer_number(1)
+    return layer
+
+
+def run(layer, x):
+    x = x.clone().requires_grad_()
+    out, _ = layer(x)
+    g = torch.Generator().manual_seed(7 + int(os.environ.get("RANK", 0)))
+    out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
+    return out.detach().float(), x.grad.float()
+
+
+def expert_grads(layer) -> torch.Tensor:
+    """Every local expert's fc1 then fc2 weight gradient, in SequentialMLP's [out, in] layout."""
+    experts = layer.experts
+    if hasattr(experts, "local_experts"):
+        return torch.cat([torch.cat([e.linear_fc1.weight.grad.flatten(), e.linear_fc2.weight.grad.flatten()])
+                          for e in experts.local_experts]).float()
+    n = experts.num_local_experts
+    w1 = experts.weight1.grad.view(n, HIDDEN, -1).transpose(1, 2)   # GroupedMLP stores [in, out]
+    w2 = experts.weight2.grad.view(n, -1, HIDDEN).transpose(1, 2)
+    return torch.cat([torch.cat([a.flatten(), b.flatten()]) for a, b in zip(w1, w2)]).float()
+
+
+def main(tmp: str, out: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    quiet_known_warnings()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    distributed.initialize({"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+                            "expert_model_parallel_size": world}, seed=0)
+    rank = torch.distributed.get_rank()
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(100 + rank))
+    results = {"world": world}
+    ckpt = os.path.join(tmp, "sequential")
+    if rank == 0:
+        os.makedirs(ckpt, exist_ok=True)
+    torch.distributed.barrier()
+    sequential = build(False, torch.float32)
+    dist_checkpointing.save(sequential.sharded_state_dict(), ckpt)
+    grouped = build(True, torch.float32)
+    assert type(grouped.experts).__name__ == "GroupedMLP", type(grouped.experts)
+    grouped.load_state_dict(dist_checkpointing.load(grouped.sharded_state_dict(), ckpt))
+    from megatron_ext.models.grouped_experts import expert_module_name
+
+    results["modules"] = [expert_module_name(sequential), expert_module_name(grouped)]
+    layers = {torch.float32: (sequential, grouped)}
+    # bf16 copies of the same two layers (load_state_dict casts)
+    layers[torch.bfloat16] = tuple(build(kind, torch.bfloat16) for kind in (False, True))
+    for fp32_layer, bf16_layer in zip(layers[torch.float32], layers[torch.bfloat16]):
+        bf16_layer.load_state_dict(fp32_layer.state_dict())
+    reference = None
+    for dtype, (sequential, grouped) in layers.items():
+        name = str(dtype).removeprefix("torch.")
+        (seq_out, seq_grad), (grp_out, grp_grad) = run(sequential, x.to(dtype)), run(grouped, x.to(dtype))
+        results[name] = {
+            "out": float((seq_out - grp_out).abs().max()),
+            "grad": float((seq_grad - grp_grad).abs().max()),
+            "weight_grad": float((expert_grads(sequential) - expert_grads(grouped)).abs().max()),
+            "out_scale": float(seq_out.abs().max()),
+        }
+        if reference is None:
+            reference = seq_out
+        else:   # bf16 against the fp32 SequentialMLP: grouped must be no worse than sequential
+            results[name]["sequential_vs_fp32"] = float((seq_out - reference).abs().max())
+            results[name]["grouped_vs_fp32"] = float((grp_out - reference).abs().max())
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,68 @@
+"""Grouped-GEMM experts (torch._grouped_mm behind megatron-core's GroupedMLP) compute SequentialMLP's
+numbers and read its checkpoints. The bf16 GPU comparison and timing: benchmarks/grouped_experts.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("grouped_experts_worker.py")
+
+
+def test_gmm_is_a_per_expert_matmul():
+    from megatron_ext.models.grouped_experts import gmm
+
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([3, 0, 5, 2])                    # an expert without tokens too
+    a = torch.randn(int(sizes.sum()), 8, generator=g)
+    b = torch.randn(4, 8, 12, generator=g)   # torch._grouped_mm: 16-byte row strides
+    starts = [0, *torch.cumsum(sizes, 0).tolist()]
+    expected = torch.cat([a[s:e].double() @ b[i].double() for i, (s, e) in enumerate(zip(starts, starts[1:]))])
+    torch.testing.assert_close(gmm(a, b, sizes).double(), expected, rtol=1e-5, atol=1e-5)
+    bt = b.transpose(1, 2).contiguous()                   # (experts, n, k) with trans_b
+    torch.testing.assert_close(gmm(a, bt, sizes, trans_b=True).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_keeps_sequential_experts_and_names_unsupported_configs():
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_ext.models.grouped_experts import unsupported_reason, use_grouped_gemm
+
+    def config(**kw):
+        return TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_moe_experts=4,
+                                 **{"bf16": True, "add_bias_linear": False, **kw})
+
+    assert unsupported_reason(config()) is None
+    assert use_grouped_gemm(config()) is False                    # no GPU here: SequentialMLP
+    assert "bf16" in unsupported_reason(config(bf16=False))
+    assert "bias" in unsupported_reason(config(add_bias_linear=True))
+    assert "gated" in unsupported_reason(config(gated_linear_unit=True, activation_func=F.relu))
+    assert "multiples of 8" in unsupported_reason(config(moe_ffn_hidden_size=36))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_grouped_mlp_matches_sequential_mlp_from_its_checkpoint(tmp_path, torchrun, nproc):
+    out = tmp_path / "diffs.json"
+    torchrun(WORKER, tmp_path, out, nproc=nproc)
+    got = json.loads(out.read_text())
+    assert got["world"] == nproc                                  # nproc 2: two experts per rank (EP2)
+    assert got["modules"] == ["SequentialMLP", "GroupedMLP"]
+    fp32, bf16 = got["float32"], got["bfloat16"]
+    assert fp32["out_scale"] > 0.1, fp32                          # the layer computes something
+    assert max(fp32["out"], fp32["grad"], fp32["weight_grad"]) < 1e-5 * fp32["out_scale"], fp32
+    # bf16: both within bf16 rounding of the fp32 layer, grouped no worse than sequential
+    assert bf16["grouped_vs_fp32"] <= 2 * bf16["sequential_vs_fp32"] + 1e-2 * fp32["out_scale"], bf16
+    assert max(bf16["out"], bf16["grad"]) < 3e-2 * fp32["out_scale"], bf16
+
+
+def test_resume_with_the_other_expert_module_is_refused_clearly(tmp_path):
+    from megatron_ext.checkpointing import check_same_expert_module
+    from megatron_ext.errors import ConfigError
+
+    for same in (("GroupedMLP", "GroupedMLP"), (None, "SequentialMLP"), ("SequentialMLP", None)):
+        check_same_expert_module(tmp_path, *same)        # same kind, old checkpoint, or no MoE here
+    with pytest.raises(ConfigError, match="saved with GroupedMLP experts; this run builds SequentialMLP") as err:
+        check_same_expert_module(tmp_path, "GroupedMLP", "SequentialMLP")
+    assert f"init_from={tmp_path}" in str(err.value)
