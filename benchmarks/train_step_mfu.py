@@ -1,31 +1,51 @@
-"""Training-step throughput and MFU on one GPU, our fast path against plain megatron-core.
+"""Training-step throughput and MFU on H200s, our fast path against plain megatron-core.
 
-    python benchmarks/train_step_mfu.py --shape dense [--plain] [--steps 5]
-    python benchmarks/train_step_mfu.py --shape moe   [--plain]
+    python benchmarks/train_step_mfu.py --shape {dense,moe,hybrid} [--plain] [--steps 5] [--profile]
     python benchmarks/train_step_mfu.py --shape dense --recompute {selective,full}
+    torchrun --nproc-per-node 2 benchmarks/train_step_mfu.py --shape dense --tp 2
+    torchrun --nproc-per-node 2 benchmarks/train_step_mfu.py --shape moe --ep 2
 
 Builds the shape from our model presets (``SHAPES``: issue 10's baseline shapes), bf16 with fp32 main
 weights and the distributed optimizer, and runs our Trainer on random tokens: 2 warm-up steps, then
-``--steps`` timed steps, each accumulating micro-batches to at least 128K tokens. ``--plain`` builds
-what megatron-core gives without Transformer Engine / apex (local DotProductAttention, the foreach
-torch Adam) for the ratio. Each configuration runs in a process of its own. Writes JSON with the
-command, commit, device, step time, tokens/s, model TFLOP/s (:func:`flops_per_token`), MFU against a
-bf16 matmul peak measured in the same run, and peak memory to benchmarks/results/.
+``--steps`` timed steps, each accumulating micro-batches to at least 128K tokens per GPU's worth of
+work. ``--plain`` builds what megatron-core gives without Transformer Engine / apex (local
+DotProductAttention, SequentialMLP experts, the foreach torch Adam) for the ratio. Each configuration
+runs in a process of its own. Writes JSON with the command, commit, device, step time, tokens/s, model TFLOP/s
+(:func:`flops_per_token`), MFU against a bf16 matmul peak measured in the same run, and peak memory to
+benchmarks/results/ (rank 0 writes it).
+
+``--profile`` runs one more full step under ``torch.profiler`` and records where the GPU time goes: CUDA
+kernels by class (:func:`kernel_class`), the 15 dearest kernels, and the CPU-side gap (the step's wall
+time minus the time at least one kernel ran): :func:`profile_table`.
+
+``--tp N`` / ``--ep N`` (under ``torchrun --nproc-per-node W``) keep each GPU's work equal to the
+one-GPU run's: the global batch is W x the one-GPU batch, so each data-parallel rank runs the one-GPU
+run's number of micro-batches, and a tensor-parallel group (which shares its micro-batches and splits
+their FLOPs TP ways) gets micro-batches TP x larger. EP2 on 2 GPUs is data parallel 2 for attention and
+the shared expert, each rank holding half the routed experts; TP2 is data parallel 1 with sequence
+parallelism. Per-GPU tokens/s and model TFLOP/s are the global figures / W, and the ratio against the
+one-GPU JSON of the same shape (when ``benchmarks/results`` has one) is issue 10's 2-GPU efficiency.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import statistics
 import sys
 import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.run_record import cuda_seconds, gpu_record, gpu_result_path, single_rank_env, write_result  # noqa: E402,E501
+from megatron_ext.models.turbos_layout import compile_layout  # noqa: E402
 
 VOCAB = 32768
 DENSE = ["model=tiny_large", "model.cla_share_factor=1", "model.num_moe_experts=null", "model.moe_router_topk=2",
@@ -38,30 +58,275 @@ MOE = ["model=tiny_large", "model.cla_share_factor=1", "model.num_layers=16", "m
        "model.num_moe_experts=16", "model.moe_router_topk=1", "model.moe_ffn_hidden_size=2816",
        "model.moe_shared_expert_intermediate_size=2816", "model.moe_routing_mode=dropless",
        "model.moe_expert_capacity_factor=null"]
-SHAPES = {"dense": (DENSE, 2), "moe": (MOE, 1)}   # overrides, micro-batch size
+# TurboS-style hybrid (tiny_turbos' AMF = A-F-M-F and MF blocks) at the MoE shape's budget: 4 x (AMF MF MF)
+# = 32 layers = 4 attention + 12 Mamba2 + 16 MoE FFNs, i.e. the MoE shape's 16 (mixer + FFN) pairs with
+# 12 of the 16 attention mixers made Mamba2. Mamba2 as Hunyuan-TurboS (state 128, chunk 128, head dim 64,
+# 4 heads per group) with 32 heads (d_inner 2048). MoE FFNs as TurboS (top-2, shared expert) with 16
+# experts of half the MoE shape's width, so a token's expert FLOPs equal the MoE shape's (top-1 of
+# 2816); dropless like the MoE shape (TurboS' capacity 1.5 + recycle routing is a separate question).
+# 2.88B parameters, 0.94B activated (megatron_ext.count_params), vs the MoE shape's 5.0B / 0.82B.
+HYBRID = ["model=tiny_turbos", "model.hybrid_blocks='(AMF MF*2)*4'", "model.num_layers=32",
+          "model.hidden_size=2048", "model.num_attention_heads=16", "model.num_query_groups=8",
+          "model.ffn_hidden_size=2816", "model.mamba_num_heads=32", "model.mamba_head_dim=64",
+          "model.mamba_num_groups=8", "model.mamba_state_dim=128", "model.mamba_chunk_size=128",
+          "model.num_moe_experts=16", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=1408",
+          "model.moe_shared_expert_intermediate_size=2816", "model.moe_routing_mode=dropless",
+          "model.moe_expert_capacity_factor=null"]
+SHAPES = {"dense": (DENSE, 2), "moe": (MOE, 1), "hybrid": (HYBRID, 1)}   # overrides, one GPU's micro-batch
 SEQ = 4096
-TOKENS_PER_STEP = 128 * 1024
+TOKENS_PER_STEP = 128 * 1024   # per GPU's worth of work (see the module docstring)
+MAMBA_CONV_WIDTH = 4           # megatron-core 0.16.1 MambaMixer's d_conv (not a config field)
+# TransformerConfig's defaults, for presets that leave the Mamba2 fields out
+MAMBA_DEFAULTS = {"mamba_state_dim": 128, "mamba_head_dim": 64, "mamba_num_groups": 8}
+
+
+def layer_counts(model_cfg: Mapping[str, Any]) -> dict[str, int]:
+    """Layers by kind: ``attention``, ``mamba``, ``mlp`` (dense FFN), ``moe``.
+
+    The GPT family (``hunyuan_moe``) has an attention and an FFN in every layer; the hybrid family counts
+    the symbols of its hybrid pattern (:func:`megatron_ext.models.turbos_layout.compile_layout`, as
+    :func:`megatron_ext.models.turbos_hybrid.layer_pattern` builds it), each symbol one layer.
+    """
+    layers = int(model_cfg["num_layers"])
+    moe = bool(model_cfg.get("num_moe_experts"))
+    if model_cfg.get("family", "hunyuan_moe") != "turbos_hybrid":
+        return {"attention": layers, "mamba": 0, "mlp": 0 if moe else layers, "moe": layers if moe else 0}
+    pattern = compile_layout(model_cfg["hybrid_blocks"], model_cfg["hybrid_block_types"], moe=moe)
+    assert len(pattern) == layers, f"hybrid_blocks compile to {len(pattern)} layers, num_layers={layers}"
+    return {"attention": pattern.count("*"), "mamba": pattern.count("M"), "mlp": pattern.count("-"),
+            "moe": pattern.count("E")}
+
+
+def mamba_dims(model_cfg: Mapping[str, Any]) -> dict[str, int]:
+    """Mamba2 sizes as megatron-core's MambaMixer derives them: H heads of P, G groups, state N, chunk Q."""
+    h = int(model_cfg["hidden_size"])
+    p = int(model_cfg.get("mamba_head_dim") or MAMBA_DEFAULTS["mamba_head_dim"])
+    heads = int(model_cfg.get("mamba_num_heads") or 2 * h // p)   # else d_inner = expand 2 x hidden
+    return {"H": heads, "P": p, "d_inner": heads * p,
+            "G": int(model_cfg.get("mamba_num_groups") or MAMBA_DEFAULTS["mamba_num_groups"]),
+            "N": int(model_cfg.get("mamba_state_dim") or MAMBA_DEFAULTS["mamba_state_dim"]),
+            "Q": int(model_cfg.get("mamba_chunk_size") or 128)}
+
+
+def ssd_forward_flops(model_cfg: Mapping[str, Any]) -> float:
+    """Forward FLOPs per token of one Mamba2 layer's chunked SSD scan (Mamba-2, arXiv 2405.21060,
+    Sec. 6: the four steps of the SSD algorithm with chunk length Q; H heads of dim P, G groups of B/C
+    with state N; a multiply-add is 2 FLOPs):
+
+    1. intra-chunk (diagonal blocks): C B^T inside the chunk (Q x Q x N per group) and its masked
+       product with X (Q x Q x P per head), halved by the causal mask as for attention:
+       Q x (G x N + H x P) per token;
+    2. chunk states B^T X: 2 x N x P x H per token;
+    3. state passing between chunks: 2 x N x P x H / Q per token;
+    4. state to output, C h: 2 x N x P x H per token.
+
+    The decay exponentials, dt softplus, D skip and gating are elementwise and not counted.
+    """
+    d = mamba_dims(model_cfg)
+    q, n, p, heads, g = d["Q"], d["N"], d["P"], d["H"], d["G"]
+    return q * (g * n + heads * p) + 4 * n * p * heads + 2 * n * p * heads / q
+
+
+def matmul_params(model_cfg: Mapping[str, Any], vocab: int) -> dict[str, int]:
+    """Matmul weights one token passes through, per layer kind (routed experts counted top-k times)."""
+    h = int(model_cfg["hidden_size"])
+    heads = int(model_cfg["num_attention_heads"])
+    groups = int(model_cfg.get("num_query_groups") or heads)
+    d = int(model_cfg.get("kv_channels") or h // heads)
+    out = {"attention": h * heads * d * 2 + h * groups * d * 2,              # q, o and k, v projections
+           "mlp": 3 * h * int(model_cfg.get("ffn_hidden_size") or 0),        # SwiGLU
+           "output": h * vocab}
+    if model_cfg.get("num_moe_experts"):
+        experts, topk = int(model_cfg["num_moe_experts"]), int(model_cfg["moe_router_topk"])
+        out["moe"] = (h * experts                                            # router
+                      + 3 * h * int(model_cfg["moe_ffn_hidden_size"]) * topk  # SwiGLU routed experts
+                      + 3 * h * int(model_cfg.get("moe_shared_expert_intermediate_size") or 0))
+    else:
+        out["moe"] = 0
+    if model_cfg.get("family") == "turbos_hybrid":
+        m = mamba_dims(model_cfg)
+        xbc = m["d_inner"] + 2 * m["G"] * m["N"]                             # conv channels: x, B, C
+        out["mamba"] = (h * (m["d_inner"] + xbc + m["H"])                    # in_proj: z, x B C, dt
+                        + m["d_inner"] * h                                   # out_proj
+                        + xbc * MAMBA_CONV_WIDTH)                            # depthwise causal conv
+    else:
+        out["mamba"] = 0
+    return out
 
 
 def flops_per_token(model_cfg: Mapping[str, Any], seq: int, vocab: int) -> float:
     """Training FLOPs per token: 6 x the matmul parameters a token passes through (forward 2, backward
-    4; routed experts counted top-k times, the embedding lookup not at all), plus attention's
-    6 x layers x seq x heads x head_dim (QK^T and AV are 2 x seq x head_dim each per head, halved by
-    the causal mask, times 3 for the backward)."""
-    h, layers = int(model_cfg["hidden_size"]), int(model_cfg["num_layers"])
+    4; routed experts counted top-k times, the embedding lookup not at all; :func:`matmul_params`),
+    plus per attention layer 6 x seq x heads x head_dim (QK^T and AV are 2 x seq x head_dim each per
+    head, halved by the causal mask, times 3 for the backward), plus per Mamba2 layer 3 x the SSD
+    scan's forward matmul FLOPs (:func:`ssd_forward_flops`; the backward taken as 2 x forward, as for
+    the matmuls). A Mamba2 layer's matmul weights are in_proj (hidden -> z, x, B, C, dt: 2 d_inner +
+    2 G N + H), out_proj (d_inner -> hidden) and the depthwise conv (4 taps on d_inner + 2 G N
+    channels). Layer kinds are counted by :func:`layer_counts`.
+    """
+    counts, params = layer_counts(model_cfg), matmul_params(model_cfg, vocab)
     heads = int(model_cfg["num_attention_heads"])
-    groups = int(model_cfg.get("num_query_groups") or heads)
-    d = int(model_cfg.get("kv_channels") or h // heads)
-    attention = h * heads * d * 2 + h * groups * d * 2                     # q, o and k, v projections
-    if model_cfg.get("num_moe_experts"):
-        experts, topk = int(model_cfg["num_moe_experts"]), int(model_cfg["moe_router_topk"])
-        ffn = (h * experts                                                   # router
-               + 3 * h * int(model_cfg["moe_ffn_hidden_size"]) * topk       # SwiGLU routed experts
-               + 3 * h * int(model_cfg.get("moe_shared_expert_intermediate_size") or 0))
-    else:
-        ffn = 3 * h * int(model_cfg["ffn_hidden_size"])
-    matmul_params = layers * (attention + ffn) + h * vocab                   # + the output layer
-    return 6 * matmul_params + 6 * layers * seq * heads * d
+    d = int(model_cfg.get("kv_channels") or int(model_cfg["hidden_size"]) // heads)
+    per_token = sum(counts[kind] * params[kind] for kind in ("attention", "mamba", "mlp", "moe")) + params["output"]
+    flops = 6 * per_token + 6 * counts["attention"] * seq * heads * d
+    if counts["mamba"]:
+        flops += 3 * counts["mamba"] * ssd_forward_flops(model_cfg)
+    return flops
+
+
+# CUDA kernel classes for --profile, by name: the first rule whose pattern matches (case-insensitive)
+# wins, so the order resolves overlaps (cuDNN's SDPA kernels are wgmma kernels too, mamba_ssm's
+# _bmm_chunk kernels are matmuls, grouped GEMMs are cutlass kernels, an at::native elementwise kernel
+# that copies is a copy, a scatter that adds is not a reduction). torch.compile'd kernels carry the
+# ops they fuse, not the Python function they came from, so a compiled SSD scan shows up under the
+# elementwise / reduction / GEMM classes.
+KERNEL_CLASSES: tuple[tuple[str, str], ...] = (
+    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|sendrecv"),
+    ("copies / memcpy / memset", (r"^memcpy|^memset|direct_copy|copy_kernel|catarraybatchedcopy|"
+                                  r"copy_device_to_device|memcpy|memset")),
+    ("optimizer", r"multi_tensor|adam|lamb_|fused_sgd"),
+    ("grouped GEMM", r"group(ed)?_?(gemm|mm)|groupproblemshape|ptr_?array"),
+    ("attention", r"flash|fmha|sdpa|attention|attn|mha_fwd|mha_bwd"),
+    ("Mamba scan & conv", (r"chunk_scan|chunk_state|state_passing|chunk_cumsum|bmm_chunk|ssd|selective_scan|"
+                           r"causal_conv1d|mamba|conv1d|depthwise")),
+    ("normalization", r"layer_?norm|rms_?norm|group_?norm|batch_?norm|rsqrt"),
+    ("GEMM", r"gemm|cutlass|cublas|nvjet|xmma|wgmma|splitk|triton_tem_|gemv|matmul|_mm_"),
+    ("reductions, softmax & loss", r"softmax|cross_entropy|nll_loss|logsumexp|topk|sort"),
+    ("gather / scatter / index", r"index|scatter|gather|permute|masked_select|nonzero"),
+    ("reductions, softmax & loss", (r"reduce|reduction|triton_red_|triton_per_|cub::|argmax|argmin|cumsum|"
+                                    r"histogram|bincount")),
+    ("elementwise & activation", (r"elementwise|triton_poi_|silu|gelu|swiglu|relu|sigmoid|activation|"
+                                  r"fill|vectorized|pointwise|where|dropout|rotary|rope")),
+)
+_KERNEL_RULES = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in KERNEL_CLASSES]
+TOP_KERNELS = 15
+KERNEL_NAME_CHARS = 160
+
+
+def kernel_class(name: str) -> str:
+    """The class of a CUDA kernel (or memcpy / memset) from its profiler name; ``other`` if none fits."""
+    for cls, pattern in _KERNEL_RULES:
+        if pattern.search(name):
+            return cls
+    return "other"
+
+
+def busy_us(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time at least one kernel ran."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def profile_table(kernels: Iterable[tuple[str, float, float]], step_wall_s: float) -> dict[str, Any]:
+    """Where one step's GPU time went, from its kernels as (name, start_us, end_us).
+
+    ``classes``: class -> total ms, % of the summed kernel time, kernel count (dearest first);
+    ``top_kernels``: the :data:`TOP_KERNELS` dearest kernel names (truncated) with ms, count and class.
+    ``gpu_busy_ms`` is the union of the kernels' intervals (kernels on different streams, e.g. NCCL
+    beside compute, overlap, so it can be less than ``kernel_ms``); ``cpu_gap_ms`` = step wall time -
+    busy time: when no kernel ran (host-side work, launch latency, synchronisation).
+    """
+    kernels = list(kernels)
+    by_class: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, start, end in kernels:
+        for table, key in ((by_class, kernel_class(name)), (by_name, name)):
+            table[key][0] += end - start
+            table[key][1] += 1
+    kernel_us = sum(us for us, _ in by_class.values())
+    busy = busy_us((start, end) for _, start, end in kernels)
+    share = (lambda us: 100 * us / kernel_us) if kernel_us else (lambda us: 0.0)
+    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
+    return {
+        "step_wall_ms": step_wall_s * 1e3,
+        "kernel_ms": kernel_us / 1e3,
+        "gpu_busy_ms": busy / 1e3,
+        "cpu_gap_ms": step_wall_s * 1e3 - busy / 1e3,
+        "kernels": len(kernels),
+        "classes": {cls: {"ms": us / 1e3, "pct": share(us), "count": int(n)}
+                    for cls, (us, n) in sorted(by_class.items(), key=lambda item: -item[1][0])},
+        "top_kernels": [{"name": name[:KERNEL_NAME_CHARS], "ms": us / 1e3, "pct": share(us), "count": int(n),
+                         "class": kernel_class(name)} for name, (us, n) in top],
+    }
+
+
+def format_profile(table: Mapping[str, Any]) -> str:
+    """The class table as Markdown (for benchmarks/README.md)."""
+    lines = [(f"step {table['step_wall_ms']:.0f} ms wall, GPU busy {table['gpu_busy_ms']:.0f} ms, "
+              f"CPU-side gap {table['cpu_gap_ms']:.0f} ms, {table['kernels']} kernels"),
+             "| kernel class | ms | % of kernel time | kernels |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {cls} | {row['ms']:.1f} | {row['pct']:.1f}% | {row['count']} |"
+              for cls, row in table["classes"].items()]
+    return "\n".join(lines)
+
+
+def profiled_step(step, retry: bool = True) -> dict[str, Any]:
+    """Run ``step()`` once under torch.profiler and tabulate its CUDA kernels, memcpys and memsets.
+
+    CUDA activity only (a step has hundreds of thousands of host ops; recording them would slow the
+    step and the parsing); should that record no kernel, and ``retry`` (one process only: the ranks
+    must run the same steps), the step is profiled again with CPU activity as well.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for activities in ([ProfilerActivity.CUDA], [ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+        with profile(activities=activities) as prof:
+            wall_s = cuda_seconds(step)
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        if kernels or not retry:
+            break
+    table = profile_table(kernels, wall_s)
+    table["activities"] = [str(a).rsplit(".", 1)[-1] for a in activities]
+    return table
+
+
+def run_layout(shape: str, recompute: str = "none", tp: int = 1, ep: int = 1,
+               world_size: int = 1) -> tuple[list[str], int, int]:
+    """Hydra overrides, micro-batch size and global batch size (sequences) of a run.
+
+    Each GPU does the one-GPU run's work: the global batch is ``world_size`` x 128K tokens, and a
+    tensor-parallel group's micro-batches are ``tp`` x the one-GPU micro-batch (the group splits each
+    micro-batch's FLOPs ``tp`` ways), so every rank runs the one-GPU number of micro-batches.
+    """
+    overrides, mbs = SHAPES[shape]
+    if world_size % (tp * ep):
+        raise SystemExit(f"--tp {tp} --ep {ep} do not fit {world_size} processes (torchrun --nproc-per-node)")
+    if ep > 1 and "model.num_moe_experts=null" in overrides:
+        raise SystemExit(f"--ep {ep}: the {shape} shape has no experts; use --shape moe or hybrid")
+    if recompute == "selective":
+        overrides = [*overrides, "+model.recompute_granularity=selective"]
+    elif recompute == "full":
+        overrides = [*overrides, "+model.recompute_granularity=full", "+model.recompute_method=uniform",
+                     "+model.recompute_num_layers=1"]
+    mbs *= tp
+    gbs = TOKENS_PER_STEP // SEQ * world_size
+    return [*overrides, f"model.seq_length={SEQ}", f"stages.pretrain.train.micro_batch_size={mbs}",
+            f"stages.pretrain.train.global_batch_size={gbs}", "stages.pretrain.train.eval_iters=1",
+            f"parallel.tensor_model_parallel_size={tp}", f"parallel.expert_model_parallel_size={ep}",
+            "parallel.pipeline_model_parallel_size=1", "parallel.sequence_parallel=true"], mbs, gbs
+
+
+def result_tag(shape: str, plain: bool = False, recompute: str = "none", tp: int = 1, ep: int = 1) -> str:
+    """``train_step_<tag>_<device>.json``: e.g. ``moe``, ``dense_plain``, ``dense_full``, ``moe_ep2``."""
+    return (f"{shape}{'_plain' if plain else ''}{'' if recompute == 'none' else '_' + recompute}"
+            f"{f'_tp{tp}' if tp > 1 else ''}{f'_ep{ep}' if ep > 1 else ''}")
+
+
+def single_gpu_reference(path: Path, per_gpu_tflops: float) -> dict[str, Any] | None:
+    """The one-GPU result of the same shape and this run's per-GPU TFLOP/s as a share of it."""
+    if not path.exists():
+        return None
+    ref = json.loads(path.read_text())
+    return {"file": f"benchmarks/results/{path.name}", "commit": ref.get("commit"),
+            "step_s": ref.get("step_s"), "model_tflops": ref.get("model_tflops"),
+            "per_gpu_efficiency": per_gpu_tflops / ref["model_tflops"]}
 
 
 def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
@@ -73,14 +338,39 @@ def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
 
 
 def use_plain_megatron_core() -> None:
-    """What megatron-core 0.16.1 runs without TE / apex: its local attention and the foreach Adam."""
+    """What megatron-core 0.16.1 runs without TE / apex / grouped_gemm: its local attention,
+    SequentialMLP experts and the foreach Adam."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_ext import optim
-    from megatron_ext.models import sdpa_attention
+    from megatron_ext.models import recycle_routing, sdpa_attention
 
     sdpa_attention.core_attention_for = lambda config: DotProductAttention
+    recycle_routing.use_grouped_gemm = lambda config: False
     optim.use_fused_adam = lambda optimizer: 0
+
+
+def model_params(chunks, tp: int, ep: int) -> int:
+    """The whole model's parameter count from this rank's shards: tensor-parallel weights are 1/tp of
+    theirs, routed experts (``allreduce == False`` under EP) 1/ep; the rest is replicated."""
+    total = 0
+    for chunk in chunks:
+        for p in chunk.parameters():
+            total += (p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+                      * (ep if not getattr(p, "allreduce", True) else 1))
+    return total
+
+
+def per_rank(value: float) -> list[float]:
+    """``value`` from every rank (in rank order); each rank measures its own GPU."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return [value]
+    mine = torch.tensor([value], dtype=torch.float64, device="cuda")
+    out = torch.empty(dist.get_world_size(), dtype=torch.float64, device="cuda")
+    dist.all_gather_into_tensor(out, mine)
+    return out.tolist()
 
 
 def main() -> None:
@@ -90,9 +380,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                         help="activation recomputation: selective (core attention) or full (every layer)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step: GPU time by kernel class, top kernels, CPU-side gap")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (with sequence parallelism)")
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE shapes)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark measures GPU training"
-    single_rank_env()
+    single_rank_env()   # a no-op under torchrun, which sets these variables
+    world = int(os.environ["WORLD_SIZE"])
+    from megatron.core import parallel_state
+
     from launch.config import load_config
     from megatron_ext import distributed, model_builder, optim
     from megatron_ext.metrics import MetricsWriter
@@ -100,47 +397,66 @@ def main() -> None:
 
     if args.plain:
         use_plain_megatron_core()
-    overrides, mbs = SHAPES[args.shape]
-    if args.recompute == "selective":
-        overrides = [*overrides, "+model.recompute_granularity=selective"]
-    elif args.recompute == "full":
-        overrides = [*overrides, "+model.recompute_granularity=full", "+model.recompute_method=uniform",
-                     "+model.recompute_num_layers=1"]
-    gbs = TOKENS_PER_STEP // SEQ
-    cfg = load_config([*overrides, f"model.seq_length={SEQ}", f"stages.pretrain.train.micro_batch_size={mbs}",
-                       f"stages.pretrain.train.global_batch_size={gbs}", "stages.pretrain.train.eval_iters=1"])
-    distributed.initialize(cfg.parallel, seed=0)
-    peak = matmul_peak_tflops()
+    overrides, mbs, gbs = run_layout(args.shape, args.recompute, args.tp, args.ep, world)
+    cfg = load_config(overrides)
+    env = distributed.initialize(cfg.parallel, seed=0)
+    peak = matmul_peak_tflops()   # every rank on its own GPU, before the model takes memory
     config = model_builder.transformer_config(cfg.model, cfg.parallel)
     chunks = model_builder.build_model(cfg.model, config, VOCAB)
     ddp = optim.wrap_ddp(chunks, config, True)
     train = cfg.stages.pretrain.train
     opt, sched = optim.build_optimizer(train, ddp, bf16=True, use_distributed_optimizer=True)
+    # the same samples on every rank; StepBatches gives each data-parallel rank its own micro-batches
+    # and the ranks of a tensor-parallel group (one data-parallel rank) the same ones
     g = torch.Generator().manual_seed(0)
     data = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(SEQ), "position_ids": torch.arange(SEQ)}
             for t in torch.randint(0, VOCAB, (gbs, SEQ + 1), generator=g)]
-    batches = StepBatches(data * (args.steps + 2), mbs, gbs, 0, 1)
+    steps = args.steps + 2 + int(args.profile)
+    batches = StepBatches(data * steps, mbs, gbs, parallel_state.get_data_parallel_rank(), env.dp)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(ddp, opt, sched, train, batches, None, Path(tmp),
                           MetricsWriter(Path(tmp), enabled=False, tensorboard=False), SEQ)
         times = [cuda_seconds(trainer.train_step) for _ in range(args.steps + 2)]
-    step_s = statistics.median(times[2:])   # after 2 warm-up steps
+        peak_memory = torch.cuda.max_memory_allocated() / 2**30
+        profile = profiled_step(trainer.train_step, retry=world == 1) if args.profile else None
+    step_s = statistics.median(times[2:])   # after 2 warm-up steps (rank 0's clock; steps end in collectives)
     tokens_per_s = gbs * SEQ / step_s
-    model_tflops = flops_per_token(cfg.model, SEQ, VOCAB) * tokens_per_s / 1e12
-    n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
-    result = {
-        **gpu_record(),
-        "shape": args.shape, "path": "plain megatron-core" if args.plain else "turbolaser fast path",
-        "recompute": args.recompute,
-        "params": n_params, "seq_length": SEQ, "micro_batch": mbs, "tokens_per_step": gbs * SEQ,
-        "step_s": step_s, "tokens_per_s": tokens_per_s, "model_tflops": model_tflops,
-        "matmul_peak_tflops": peak, "mfu": model_tflops / peak,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "flops_per_token": flops_per_token(cfg.model, SEQ, VOCAB),
-    }
-    tag = f"{args.shape}{'_plain' if args.plain else ''}{'' if args.recompute == 'none' else '_' + args.recompute}"
-    write_result(gpu_result_path(f"train_step_{tag}"), result)
-    print({k: v for k, v in result.items() if k not in ("machine",)})
+    fpt = flops_per_token(cfg.model, SEQ, VOCAB)
+    model_tflops = fpt * tokens_per_s / 1e12
+    n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())   # this rank's shards
+    peaks, memories, rank_params = per_rank(peak), per_rank(peak_memory), per_rank(float(n_params))
+    if env.is_main:
+        per_gpu_tflops = model_tflops / world
+        tag = result_tag(args.shape, args.plain, args.recompute, args.tp, args.ep)
+        result = {
+            **gpu_record(),
+            "shape": args.shape, "path": "plain megatron-core" if args.plain else "turbolaser fast path",
+            "recompute": args.recompute,
+            "world_size": world, "tensor_parallel": args.tp, "expert_parallel": args.ep, "data_parallel": env.dp,
+            "sequence_parallel": bool(config.sequence_parallel),
+            "params": model_params(chunks, args.tp, args.ep),
+            "params_per_rank": [int(p) for p in rank_params],
+            "layer_counts": layer_counts(cfg.model),
+            "seq_length": SEQ, "micro_batch": mbs, "global_batch": gbs, "tokens_per_step": gbs * SEQ,
+            "micro_batches_per_rank": batches.num_microbatches,
+            "step_s": step_s, "step_times_s": times,
+            "tokens_per_s": tokens_per_s, "model_tflops": model_tflops,
+            "tokens_per_s_per_gpu": tokens_per_s / world, "model_tflops_per_gpu": per_gpu_tflops,
+            "matmul_peak_tflops": peak, "matmul_peak_tflops_per_rank": peaks,
+            "mfu": per_gpu_tflops / peak,
+            "peak_memory_gib": max(memories), "peak_memory_gib_per_rank": memories,
+            "flops_per_token": fpt,
+            "flops_formula": "flops_per_token in benchmarks/train_step_mfu.py (docstring)",
+        }
+        if world > 1:
+            reference = gpu_result_path(f"train_step_{result_tag(args.shape, args.plain, args.recompute)}")
+            result["vs_one_gpu"] = single_gpu_reference(reference, per_gpu_tflops)
+        if profile is not None:   # the gap again against the unprofiled median step
+            profile["cpu_gap_vs_median_step_ms"] = step_s * 1e3 - profile["gpu_busy_ms"]
+            result["profile"] = profile
+            print(format_profile(profile))
+        write_result(gpu_result_path(f"train_step_{tag}"), result)
+        print({k: v for k, v in result.items() if k not in ("machine", "profile", "step_times_s")})
     distributed.destroy()
 
 
