@@ -10,8 +10,8 @@ dynamic-batching inference), so on a machine without triton it does not import a
 :func:`apply` fixes exactly that, and only when ``mamba_ssm`` is missing; where it is installed (GPUs)
 megatron-core keeps its Triton kernels. It binds in ``mamba_mixer``:
 
-- ``mamba_chunk_scan_combined`` -> :func:`megatron_ext.models.ssd_scan_reference.mamba_chunk_scan_combined`
-  (the ``use_mamba_mem_eff_path=False`` path and static-batching inference prefill);
+- ``mamba_chunk_scan_combined`` -> :func:`megatron_ext.models.ssd_scan_reference.mamba_chunk_scan_combined`,
+  eager or compiled (the ``use_mamba_mem_eff_path=False`` path and static-batching inference prefill);
 - ``mamba_split_conv1d_scan_combined`` -> :func:`mamba_split_conv1d_scan_combined` below (the default
   ``use_mamba_mem_eff_path=True`` training path: conv, scan and gate in one call);
 - ``RMSNormGated`` / ``ExtendedRMSNorm`` -> :class:`GatedRMSNorm` / :class:`ShardedGatedRMSNorm`;
@@ -29,23 +29,79 @@ On a CPU-only torch ``MambaMixer`` also builds its parameters with ``device=torc
 and since that module can only be imported after :func:`apply`, the CPU backend must call :func:`apply`
 first. The stack's final norm is hard-wired to ``TENorm``: see
 :mod:`megatron_ext.models.hybrid_specs` for the local (no-TE) stack.
+
+On GPUs the same torch code runs through ``torch.compile`` (:func:`scan_implementation` says when and
+why); on CPU it stays eager. Where ``mamba_ssm`` is installed without ``causal_conv1d`` (our GPU
+machine), its fused split-conv kernel would call the missing ``causal_conv1d``; :func:`apply` then binds
+the torch conv composed with mamba_ssm's Triton chunk scan instead (:func:`_bind_torch_conv_for_triton`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 import sys
 import types
 
 import torch
 import torch.nn.functional as F
 
+from megatron_ext.models import ssd_scan_reference
 from megatron_ext.models.gated_rmsnorm import GatedRMSNorm, gated_rms_norm
-from megatron_ext.models.ssd_scan_reference import mamba_chunk_scan_combined
 
 _TENSOR_OPS = "megatron.core.inference.contexts.attention_context.triton.tensor_ops"
 
 _ACTIVE: bool | None = None  # None until apply() ran; then whether the torch fallback is bound
+
+SCAN_ENV = "TURBOLASER_MAMBA_SCAN"  # auto (default) | eager | compiled
+_COMPILED: dict = {}  # eager function -> its torch.compile wrapper, built on first use
+
+
+def scan_implementation(x: torch.Tensor) -> str:
+    """Which torch Mamba-2 path runs on ``x``: ``"compiled"`` or ``"eager"``.
+
+    ``auto`` (the default): compiled when ``x`` is on a GPU and the CPU backend is off, since eager runs
+    the chunked scan as dozens of separate kernels with fp32 intermediates written to memory, which
+    inductor fuses; eager on CPU, so the CPU suite and its recorded numbers do not change and no C++
+    toolchain or compile time is needed there. ``$TURBOLASER_MAMBA_SCAN=eager`` forces eager (debugging a
+    compile problem); ``=compiled`` compiles on CPU too (tests compare the two paths).
+    """
+    choice = os.environ.get(SCAN_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "eager", "compiled"):
+        raise ValueError(f"${SCAN_ENV}={choice!r}: use auto, eager or compiled")
+    if choice != "auto":
+        return choice
+    from megatron_ext import cpu_backend
+
+    return "compiled" if x.is_cuda and not cpu_backend.is_enabled() else "eager"
+
+
+def _compiled(fn):
+    """``torch.compile(fn)``, made once per function and reused.
+
+    ``dynamic=None`` (automatic dynamic shapes): the first call compiles for its exact shapes, the best
+    kernels for fixed-length training; the first call with another shape recompiles once with the
+    batch / sequence sizes symbolic, and that graph serves every later length (one more compile if a
+    length stops being a multiple of the chunk size). ``dynamic=False`` would instead recompile per new
+    length until dynamo's recompile limit and then fall back to eager. ``fullgraph=True``: the function
+    is plain torch, so a graph break is a bug to see, not a silent slowdown.
+    """
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=None, fullgraph=True)
+    return _COMPILED[fn]
+
+
+def _eager_or_compiled(fn):
+    """``fn`` dispatched per call on :func:`scan_implementation` of its first tensor argument."""
+
+    @functools.wraps(fn)
+    def dispatch(*args, **kwargs):
+        first = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        run = fn if scan_implementation(first) == "eager" else _compiled(fn)
+        return run(*args, **kwargs)
+
+    return dispatch
 
 
 def _causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -60,7 +116,7 @@ def _causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return out
 
 
-def mamba_split_conv1d_scan_combined(
+def _split_conv1d_scan(
     zxbcdt: torch.Tensor,
     conv1d_weight: torch.Tensor,
     conv1d_bias: torch.Tensor | None,
@@ -81,6 +137,7 @@ def mamba_split_conv1d_scan_combined(
     ngroups: int = 1,
     norm_before_gate: bool = True,
     state_dtype: torch.dtype | None = None,
+    chunk_scan=ssd_scan_reference.mamba_chunk_scan_combined,
 ):
     """Drop-in for ``mamba_ssm``'s fused ``mamba_split_conv1d_scan_combined`` (same arguments).
 
@@ -89,7 +146,8 @@ def mamba_split_conv1d_scan_combined(
     depthwise conv + SiLU on xBC, the SSD scan with skip ``D``, then either gates with ``silu(z)`` or,
     with ``rmsnorm_weight``, applies the gated RMSNorm (groups of ``d / ngroups``), and finally the
     optional out-projection. Returns (b, l, d) (or (b, l, out_dim)), plus the final SSM state when asked.
-    The fused kernel only saves memory; autograd here stores the intermediates instead.
+    The fused kernel only saves memory; autograd here stores the intermediates instead. ``chunk_scan``
+    is the SSD scan (the torch one, or mamba_ssm's Triton one where causal_conv1d is missing).
     """
     if seq_idx is not None:
         raise NotImplementedError(
@@ -108,7 +166,7 @@ def mamba_split_conv1d_scan_combined(
     z, xbc, dt = torch.split(zxbcdt, [dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
     xbc = _causal_depthwise_conv1d(xbc.transpose(1, 2), conv1d_weight, conv1d_bias, activation).transpose(1, 2)
     x, B, C = torch.split(xbc, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
-    out = mamba_chunk_scan_combined(
+    out = chunk_scan(
         x.reshape(batch, seqlen, nheads, headdim),
         dt,
         A,
@@ -122,7 +180,7 @@ def mamba_split_conv1d_scan_combined(
         dt_softplus=True,
         dt_limit=dt_limit,
         return_final_states=return_final_states,
-        state_dtype=state_dtype,
+        **({} if state_dtype is None else {"state_dtype": state_dtype}),
     )
     out, final_state = out if return_final_states else (out, None)
     out = out.reshape(batch, seqlen, dim)
@@ -132,6 +190,10 @@ def mamba_split_conv1d_scan_combined(
     if outproj_weight is not None:
         out = F.linear(out, outproj_weight, outproj_bias)
     return (out, final_state) if return_final_states else out
+
+
+mamba_chunk_scan_combined = _eager_or_compiled(ssd_scan_reference.mamba_chunk_scan_combined)
+mamba_split_conv1d_scan_combined = _eager_or_compiled(_split_conv1d_scan)
 
 
 class ShardedGatedRMSNorm(GatedRMSNorm):
@@ -184,6 +246,18 @@ def _register_triton_free_tensor_ops() -> None:
     sys.modules[_TENSOR_OPS] = stub
 
 
+def _bind_torch_conv_for_triton(mamba_mixer) -> None:
+    """mamba_ssm without causal_conv1d: use torch's conv with mamba_ssm's Triton chunk scan.
+
+    mamba_ssm's fused ``mamba_split_conv1d_scan_combined`` (the ``use_mamba_mem_eff_path=True`` training
+    path) calls ``causal_conv1d``'s CUDA functions, which are ``None`` when that package is missing, so it
+    fails at the first forward. The composition below does the same maths; the Triton scan does the work.
+    """
+    mamba_mixer.mamba_split_conv1d_scan_combined = functools.partial(
+        _split_conv1d_scan, chunk_scan=mamba_mixer.mamba_chunk_scan_combined
+    )
+
+
 def apply() -> bool:
     """Bind the pure-torch Mamba-2 kernels into megatron-core when ``mamba_ssm`` is missing; idempotent.
 
@@ -197,6 +271,8 @@ def apply() -> bool:
     from megatron.core.ssm import mamba_mixer
 
     if mamba_mixer.HAVE_MAMBA_SSM:
+        if mamba_mixer.causal_conv1d_fn is None:
+            _bind_torch_conv_for_triton(mamba_mixer)
         _ACTIVE = False
         return _ACTIVE
     mamba_mixer.mamba_chunk_scan_combined = mamba_chunk_scan_combined
