@@ -3,11 +3,13 @@ GroupedMLP on :mod:`megatron_ext.models.grouped_experts` against SequentialMLP.
 
     grouped_experts_worker.py <tmp_dir> <out.json>
 
-Builds one MoE layer (shared expert + 4 routed SwiGLU experts, top-2) with SequentialMLP experts,
-saves it with dist_checkpointing, and loads that checkpoint into the same layer built with GroupedMLP
-experts: the weights travel through the sharded keys both modules declare. Both layers, and bf16
-copies of both, then run the same tokens (different per rank); records the largest output, input-gradient and
-expert-weight-gradient differences, plus the bf16 errors of both against the fp32 SequentialMLP.
+Builds one MoE layer (shared expert + 4 routed SwiGLU experts, top-2) with SequentialMLP experts and
+megatron-core's allgather dispatcher, saves it with dist_checkpointing, and loads that checkpoint into
+the same layer built with GroupedMLP experts (a FastMoELayer: with every expert on the rank, the
+sync-free dispatcher): the weights travel through the sharded keys both modules declare. Both layers,
+and bf16 copies of both, then run the same tokens (different per rank); records the largest output,
+input-gradient and expert-weight-gradient differences, plus the bf16 errors of both against the fp32
+SequentialMLP.
 """
 
 import json
@@ -87,6 +89,7 @@ def main(tmp: str, out: str) -> None:
     from megatron_ext.models.grouped_experts import expert_module_name
 
     results["modules"] = [expert_module_name(sequential), expert_module_name(grouped)]
+    results["dispatchers"] = [type(layer.token_dispatcher).__name__ for layer in (sequential, grouped)]
     layers = {torch.float32: (sequential, grouped)}
     # bf16 copies of the same two layers (load_state_dict casts)
     layers[torch.bfloat16] = tuple(build(kind, torch.bfloat16) for kind in (False, True))
@@ -96,6 +99,7 @@ def main(tmp: str, out: str) -> None:
     for dtype, (sequential, grouped) in layers.items():
         name = str(dtype).removeprefix("torch.")
         (seq_out, seq_grad), (grp_out, grp_grad) = run(sequential, x.to(dtype)), run(grouped, x.to(dtype))
+        results.setdefault("rows_known", getattr(grouped.token_dispatcher, "rows_known", None))
         results[name] = {
             "out": float((seq_out - grp_out).abs().max()),
             "grad": float((seq_grad - grp_grad).abs().max()),

@@ -49,6 +49,10 @@ def test_grouped_mlp_matches_sequential_mlp_from_its_checkpoint(tmp_path, torchr
     got = json.loads(out.read_text())
     assert got["world"] == nproc                                  # nproc 2: two experts per rank (EP2)
     assert got["modules"] == ["SequentialMLP", "GroupedMLP"]
+    # one rank holds every expert: the grouped layer permutes without host syncs; EP2 keeps megatron's
+    fast = ["MoEAllGatherTokenDispatcher", "DroplessAllGatherDispatcher"]
+    assert got["dispatchers"] == (fast if nproc == 1 else ["MoEAllGatherTokenDispatcher"] * 2)
+    assert got["rows_known"] is (True if nproc == 1 else None)
     fp32, bf16 = got["float32"], got["bfloat16"]
     assert fp32["out_scale"] > 0.1, fp32                          # the layer computes something
     assert max(fp32["out"], fp32["grad"], fp32["weight_grad"]) < 1e-5 * fp32["out_scale"], fp32
