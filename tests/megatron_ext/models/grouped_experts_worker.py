@@ -86,6 +86,18 @@ def main(tmp: str, out: str) -> None:
     grouped = build(True, torch.float32)
     assert type(grouped.experts).__name__ == "GroupedMLP", type(grouped.experts)
     grouped.load_state_dict(dist_checkpointing.load(grouped.sharded_state_dict(), ckpt))
+    # and back: GroupedMLP's checkpoint (what a GPU run saves) into a fresh SequentialMLP layer
+    back = os.path.join(tmp, "grouped")
+    if rank == 0:
+        os.makedirs(back, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(grouped.sharded_state_dict(), back)
+    reloaded = build(False, torch.float32)
+    reloaded.load_state_dict(dist_checkpointing.load(reloaded.sharded_state_dict(), back))
+    results["round_trip"] = max(float((a - b).abs().max()) for a, b in
+                                zip(sequential.state_dict().values(), reloaded.state_dict().values())
+                                if isinstance(a, torch.Tensor))
+
     from megatron_ext.models.grouped_experts import expert_module_name
 
     results["modules"] = [expert_module_name(sequential), expert_module_name(grouped)]

@@ -49,6 +49,7 @@ def test_grouped_mlp_matches_sequential_mlp_from_its_checkpoint(tmp_path, torchr
     got = json.loads(out.read_text())
     assert got["world"] == nproc                                  # nproc 2: two experts per rank (EP2)
     assert got["modules"] == ["SequentialMLP", "GroupedMLP"]
+    assert got["round_trip"] == 0.0          # GroupedMLP's checkpoint loads back into SequentialMLP
     # one rank holds every expert: the grouped layer permutes without host syncs; EP2 keeps megatron's
     fast = ["MoEAllGatherTokenDispatcher", "DroplessAllGatherDispatcher"]
     assert got["dispatchers"] == (fast if nproc == 1 else ["MoEAllGatherTokenDispatcher"] * 2)
