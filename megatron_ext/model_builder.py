@@ -85,6 +85,9 @@ def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, 
     if fields.get("num_moe_experts"):
         fields.setdefault("moe_token_dispatcher_type", "allgather")
         fields.setdefault("moe_router_load_balancing_type", "aux_loss")
+        # Router logits and softmax in fp32 under bf16 activations, as Hunyuan's gate and transformers'
+        # HunYuanMoEV1Gate compute them: in bf16, near-tied experts flip with rounding.
+        fields.setdefault("moe_router_dtype", "fp32")
         fields["moe_grouped_gemm"] = False
         if int(fields.get("moe_router_topk", 2)) == 1:
             # megatron-core: top-1 routing only gives a gradient to the router with pre-softmax.
