@@ -47,9 +47,9 @@ def build(grouped: bool, dtype: torch.dtype):
     return layer
 
 
-def run(layer, x):
+def run(layer, x, padding_mask=None):
     x = x.clone().requires_grad_()
-    out, _ = layer(x)
+    out, _ = layer(x, padding_mask=padding_mask)
     g = torch.Generator().manual_seed(7 + int(os.environ.get("RANK", 0)))
     out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
     return out.detach().float(), x.grad.float()
@@ -97,6 +97,14 @@ def main(tmp: str, out: str) -> None:
     results["round_trip"] = max(float((a - b).abs().max()) for a, b in
                                 zip(sequential.state_dict().values(), reloaded.state_dict().values())
                                 if isinstance(a, torch.Tensor))
+
+    # padded tokens route nowhere: the row count is no longer tokens x k, so the sync-free dispatcher
+    # must hand over to megatron-core's permutation for that call
+    padding = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    padding[0, -2:] = True
+    (seq_out, _), (grp_out, _) = run(sequential, x, padding), run(grouped, x, padding)
+    results["padded"] = {"out": float((seq_out - grp_out).abs().max()),
+                         "rows_known": getattr(grouped.token_dispatcher, "rows_known", None)}
 
     from megatron_ext.models.grouped_experts import expert_module_name
 

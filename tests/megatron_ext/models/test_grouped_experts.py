@@ -54,6 +54,8 @@ def test_grouped_mlp_matches_sequential_mlp_from_its_checkpoint(tmp_path, torchr
     fast = ["MoEAllGatherTokenDispatcher", "DroplessAllGatherDispatcher"]
     assert got["dispatchers"] == (fast if nproc == 1 else ["MoEAllGatherTokenDispatcher"] * 2)
     assert got["rows_known"] is (True if nproc == 1 else None)
+    assert got["padded"]["rows_known"] is (False if nproc == 1 else None)   # a padding mask: megatron's path
+    assert got["padded"]["out"] < 1e-5 * got["float32"]["out_scale"], got["padded"]
     fp32, bf16 = got["float32"], got["bfloat16"]
     assert fp32["out_scale"] > 0.1, fp32                          # the layer computes something
     assert max(fp32["out"], fp32["grad"], fp32["weight_grad"]) < 1e-5 * fp32["out_scale"], fp32
