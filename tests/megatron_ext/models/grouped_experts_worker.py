@@ -39,7 +39,7 @@ def build(grouped: bool, dtype: torch.dtype):
         gradient_accumulation_fusion=False, bias_dropout_fusion=False, params_dtype=dtype,
         bf16=True,   # GroupedMLP asserts the flag; params_dtype decides the arithmetic
         expert_model_parallel_size=int(os.environ.get("WORLD_SIZE", 1)),
-        moe_router_load_balancing_type="none", init_method_std=0.3,
+        moe_router_load_balancing_type="none", init_method_std=0.3, moe_router_dtype="fp32",
     )
     recycle_routing.use_grouped_gemm = lambda config: grouped and grouped_experts.install()
     layer = build_module(recycle_routing.moe_module_spec(config, "dropless"), config=config)
