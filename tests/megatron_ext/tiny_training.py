@@ -87,6 +87,8 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         result["steps"] = [trainer.train_step() for _ in range(2)]
         result["train_losses"] = [s["loss"] for s in result["steps"]]
         result["tokens_seen"] = trainer.state.tokens_seen
+        model_config = trainer.chunks[0].module.config
+        result["recompute"] = [model_config.recompute_granularity, model_config.recompute_method]
         result["eval_loss_after"] = trainer.evaluate()
         checkpointing.save(Path(out + ".weights"), 2, trainer.chunks)
     elif mode == "compare":
