@@ -301,10 +301,10 @@ def run_layout(shape: str, recompute: str = "none", tp: int = 1, ep: int = 1,
     if ep > 1 and "model.num_moe_experts=null" in overrides:
         raise SystemExit(f"--ep {ep}: the {shape} shape has no experts; use --shape moe or hybrid")
     if recompute == "selective":
-        overrides = [*overrides, "+model.recompute_granularity=selective"]
+        overrides = [*overrides, "model.recompute_granularity=selective"]
     elif recompute == "full":
-        overrides = [*overrides, "+model.recompute_granularity=full", "+model.recompute_method=uniform",
-                     "+model.recompute_num_layers=1"]
+        overrides = [*overrides, "model.recompute_granularity=full", "model.recompute_method=uniform",
+                     "model.recompute_num_layers=1"]
     mbs *= tp
     gbs = TOKENS_PER_STEP // SEQ * world_size
     return [*overrides, f"model.seq_length={SEQ}", f"stages.pretrain.train.micro_batch_size={mbs}",

@@ -240,3 +240,14 @@ def test_result_tags_and_reference(tmp_path):
     got = mfu.single_gpu_reference(ref, 180.0)
     assert got["per_gpu_efficiency"] == pytest.approx(0.9)
     assert got["file"] == "benchmarks/results/train_step_moe_h200.json"
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recompute_layouts_reach_the_transformer_config(recompute):
+    from launch.config import load_config
+    from megatron_ext import model_builder
+
+    cfg = load_config(mfu.run_layout("dense", recompute=recompute)[0])
+    config = model_builder.transformer_config(cfg.model, cfg.parallel)
+    assert config.recompute_granularity == recompute
+    assert config.recompute_method == ("uniform" if recompute == "full" else None)
