@@ -1,6 +1,7 @@
 """Training-step throughput and MFU on H200s, our fast path against plain megatron-core.
 
     python benchmarks/train_step_mfu.py --shape {dense,moe,hybrid} [--plain] [--steps 5] [--profile]
+    python benchmarks/train_step_mfu.py --shape moe --with-plain     # both paths, the ratio in one JSON
     python benchmarks/train_step_mfu.py --shape dense --recompute {selective,full}
     torchrun --nproc-per-node 2 benchmarks/train_step_mfu.py --shape dense --tp 2
     torchrun --nproc-per-node 2 benchmarks/train_step_mfu.py --shape moe --ep 2
@@ -9,8 +10,8 @@ Builds the shape from our model presets (``SHAPES``: issue 10's baseline shapes)
 weights and the distributed optimizer, and runs our Trainer on random tokens: 2 warm-up steps, then
 ``--steps`` timed steps, each accumulating micro-batches to at least 128K tokens per GPU's worth of
 work. ``--plain`` builds what megatron-core gives without Transformer Engine / apex (local
-DotProductAttention, SequentialMLP experts, the foreach torch Adam) for the ratio. Each configuration
-runs in a process of its own. Writes JSON with the command, commit, device, step time, tokens/s, model TFLOP/s
+DotProductAttention, SequentialMLP experts, the foreach torch Adam) for the ratio; ``--with-plain``
+runs both (each configuration runs in a process of its own) and writes the ratio into our path's JSON. Writes JSON with the command, commit, device, step time, tokens/s, model TFLOP/s
 (:func:`flops_per_token`), MFU against a bf16 matmul peak measured in the same run, and peak memory to
 benchmarks/results/ (rank 0 writes it).
 
@@ -373,6 +374,31 @@ def per_rank(value: float) -> list[float]:
     return out.tolist()
 
 
+def add_plain_comparison(fast: dict[str, Any], plain: dict[str, Any], plain_file: str) -> dict[str, Any]:
+    """``fast`` with the plain megatron-core run of the same shape and its speed-up over it."""
+    keep = ("commit", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_memory_gib")
+    return {**fast, "plain": {"file": plain_file, **{k: plain.get(k) for k in keep}},
+            "speedup_vs_plain": plain["step_s"] / fast["step_s"]}
+
+
+def run_with_plain(args: argparse.Namespace) -> None:
+    """Our path, then plain megatron-core, on one GPU: each in a process of its own (a finished model's
+    memory is not all freed inside a process), then the fast result records the plain one."""
+    import subprocess
+
+    common = ["--shape", args.shape, "--steps", str(args.steps), "--recompute", args.recompute]
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}   # plain MoE needs it
+    for extra in ([*(["--profile"] if args.profile else [])], ["--plain"]):
+        subprocess.run([sys.executable, __file__, *common, *extra], check=True, env=env)
+    paths = [gpu_result_path(f"train_step_{result_tag(args.shape, plain, args.recompute)}")
+             for plain in (False, True)]
+    fast, plain = (json.loads(p.read_text()) for p in paths)
+    result = add_plain_comparison(fast, plain, f"benchmarks/results/{paths[1].name}")
+    write_result(paths[0], result)
+    print(f"{args.shape}: {fast['mfu']:.1%} MFU vs plain megatron-core {plain['mfu']:.1%}: "
+          f"{result['speedup_vs_plain']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
@@ -384,8 +410,14 @@ def main() -> None:
                         help="profile one more step: GPU time by kernel class, top kernels, CPU-side gap")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (with sequence parallelism)")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE shapes)")
+    parser.add_argument("--with-plain", action="store_true",
+                        help="one GPU: also run plain megatron-core (own process) and record the ratio")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark measures GPU training"
+    if args.with_plain:
+        if args.plain or args.tp > 1 or args.ep > 1:
+            raise SystemExit("--with-plain runs both paths itself on one GPU: drop --plain / --tp / --ep")
+        return run_with_plain(args)
     single_rank_env()   # a no-op under torchrun, which sets these variables
     world = int(os.environ["WORLD_SIZE"])
     from megatron.core import parallel_state

@@ -251,3 +251,12 @@ def test_recompute_layouts_reach_the_transformer_config(recompute):
     config = model_builder.transformer_config(cfg.model, cfg.parallel)
     assert config.recompute_granularity == recompute
     assert config.recompute_method == ("uniform" if recompute == "full" else None)
+
+
+def test_plain_comparison_records_the_ratio():
+    fast = {"shape": "moe", "step_s": 2.0, "mfu": 0.3, "commit": "a"}
+    plain = {"step_s": 6.0, "mfu": 0.1, "commit": "a", "tokens_per_s": 1.0, "model_tflops": 2.0,
+             "peak_memory_gib": 3.0, "machine": {}}
+    got = mfu.add_plain_comparison(fast, plain, "benchmarks/results/train_step_moe_plain_h200.json")
+    assert got["speedup_vs_plain"] == 3.0 and got["plain"]["mfu"] == 0.1 and "machine" not in got["plain"]
+    assert got["plain"]["file"].endswith("moe_plain_h200.json") and got["shape"] == "moe"
