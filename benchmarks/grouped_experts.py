@@ -3,7 +3,8 @@
     python benchmarks/grouped_experts.py [--tokens 4096 --hidden 2048 --experts 16 --topk 1 --ffn 2816]
 
 One MoE layer of issue 10's Hunyuan-style shape (routed SwiGLU experts + a shared expert of the same
-width, dropless, allgather dispatcher), built with each expert module; the bf16 layers share the
+width, dropless, allgather dispatcher), built with each expert module (grouped: with the sync-free
+dispatcher of :mod:`megatron_ext.models.moe_dispatch`); the bf16 layers share the
 weights of an fp32 SequentialMLP layer, the reference (GroupedMLP gets them through its checkpoint,
 as a CPU-trained model would reach a GPU run). Records each bf16 layer's largest output and
 input-gradient error against the reference (grouped must be no worse than sequential), then the median
@@ -30,7 +31,7 @@ def build(args, grouped: bool, dtype: torch.dtype):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_ext.models import grouped_experts, recycle_routing
+    from megatron_ext.models import grouped_experts, moe_dispatch, recycle_routing
 
     config = TransformerConfig(
         num_layers=1, hidden_size=args.hidden, num_attention_heads=16, num_moe_experts=args.experts,
@@ -47,6 +48,7 @@ def build(args, grouped: bool, dtype: torch.dtype):
     finally:
         recycle_routing.use_grouped_gemm = choose
     layer.set_layer_number(1)
+    moe_dispatch.install(layer)   # the sync-free dispatcher, as model_builder.build_model installs it
     return layer
 
 

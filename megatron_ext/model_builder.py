@@ -16,7 +16,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import cpu_backend
 from megatron_ext.errors import ConfigError
-from megatron_ext.models import hunyuan_moe, turbos_hybrid
+from megatron_ext.models import hunyuan_moe, moe_dispatch, turbos_hybrid
 
 FAMILIES = {"hunyuan_moe": hunyuan_moe, "turbos_hybrid": turbos_hybrid}
 
@@ -118,6 +118,7 @@ def build_model(model_cfg: Mapping[str, Any], config: TransformerConfig, vocab_s
         )
         for vp_stage in stages
     ]
+    moe_dispatch.install(chunks)   # grouped-GEMM MoE layers permute tokens without host syncs
     on_meta = any(p.is_meta for chunk in chunks for p in chunk.parameters())  # count_params
     if not cpu_backend.is_enabled() and torch.cuda.is_available() and not on_meta:
         # use_cpu_initialization builds the weights on the host (identical on every layout); on GPUs

@@ -10,14 +10,21 @@ routing every token goes to exactly k experts, so with all experts local (EP 1) 
 has ``tokens x k`` rows. :class:`DroplessAllGatherDispatcher` then finds the rows with
 ``torch.nonzero_static`` (same order as megatron-core's ``permute``: expert-major, tokens ascending)
 and leaves the counts on the GPU, which the grouped GEMM (:mod:`megatron_ext.models.grouped_experts`)
-takes as they are. :class:`FastMoELayer` installs it where that holds and, per forward, falls back to
-megatron-core's own path when it does not (a padding mask, or capacity routing turned on).
+takes as they are.
+
+:func:`install` puts it into a built model's MoE layers where that holds (grouped-GEMM experts, all
+local, dropless, allgather); per forward it falls back to megatron-core's own permutation when the
+row count is not known (a padding mask, or capacity routing switched on). Installed after building,
+not through a ``MoELayer`` subclass in the spec, so megatron-core's layers still pass their process
+groups to ``MoELayer`` (they do so only for ``MoELayer`` itself).
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
-from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
 
@@ -44,33 +51,44 @@ class DroplessAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         return hidden_states.index_select(0, token_of_row), tokens_per_expert, self.local_probs
 
 
-def applies(config, num_local_experts: int) -> bool:
-    """Whether :class:`DroplessAllGatherDispatcher` can serve a layer: allgather dispatch, all experts
-    on this rank, no capacity (dropless) and no padding of expert inputs."""
-    return (config.moe_token_dispatcher_type == "allgather"
-            and num_local_experts == config.num_moe_experts
+def applies(layer: MoELayer) -> bool:
+    """Whether :class:`DroplessAllGatherDispatcher` can serve ``layer``: grouped-GEMM experts (they take
+    device-side counts), allgather dispatch, every expert on this rank, no capacity (dropless), no
+    padding of expert inputs, no shared-expert overlap."""
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    config = layer.config
+    return (isinstance(layer.experts, GroupedMLP)
+            and type(layer.token_dispatcher) is MoEAllGatherTokenDispatcher
+            and layer.num_local_experts == config.num_moe_experts
             and config.moe_expert_capacity_factor is None
-            and not config.moe_pad_expert_input_to_capacity)
+            and not config.moe_pad_expert_input_to_capacity
+            and not config.moe_shared_expert_overlap)
 
 
-class FastMoELayer(MoELayer):
-    """megatron-core's ``MoELayer`` with :class:`DroplessAllGatherDispatcher` where :func:`applies`."""
+def _rows_known_for_this_call(layer: MoELayer, args, kwargs) -> None:
+    """Forward pre-hook: every token goes to exactly top-k experts in this call (no padding mask; the
+    router in dropless mode: generation switches capacity off on the router's config copy)."""
+    padding_mask = kwargs.get("padding_mask", args[2] if len(args) > 2 else None)
+    layer.token_dispatcher.rows_known = (
+        padding_mask is None
+        and getattr(layer.router, "routing_mode", "dropless") == "dropless"
+        and layer.router.config.moe_expert_capacity_factor is None)
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
-        if pg_collection is None:   # as MoELayer does; the dispatcher needs the same groups
-            pg_collection = get_default_pg_collection()
-        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
-        if applies(config, self.num_local_experts):
-            self.token_dispatcher = DroplessAllGatherDispatcher(
-                self.num_local_experts, self.local_expert_indices, config=self.config,
-                pg_collection=pg_collection)
 
-    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
-        if isinstance(self.token_dispatcher, DroplessAllGatherDispatcher):
-            # the router's config, not the layer's: generation switches capacity off on the router
-            router_config = self.router.config
-            self.token_dispatcher.rows_known = (
-                padding_mask is None
-                and getattr(self.router, "routing_mode", "dropless") == "dropless"
-                and router_config.moe_expert_capacity_factor is None)
-        return super().forward(hidden_states, intermediate_tensors=intermediate_tensors, padding_mask=padding_mask)
+def install(model) -> int:
+    """Give every MoE layer of ``model`` (a module or a list of chunks) where :func:`applies` the
+    sync-free dispatcher; returns how many layers got it. Idempotent."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    count = 0
+    for chunk in chunks:
+        for layer in chunk.modules():
+            if isinstance(layer, MoELayer) and applies(layer):
+                old = layer.token_dispatcher
+                groups = types.SimpleNamespace(ep=old.ep_group, expt_tp=old.tp_group, tp_ep=old.tp_ep_group)
+                layer.token_dispatcher = DroplessAllGatherDispatcher(
+                    layer.num_local_experts, layer.local_expert_indices, config=layer.config,
+                    pg_collection=groups)
+                layer.register_forward_pre_hook(_rows_known_for_this_call, with_kwargs=True)
+                count += 1
+    return count

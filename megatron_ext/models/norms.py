@@ -8,7 +8,8 @@ MoE training with TP > 1 requires sequence parallelism, so the local (no-TE) spe
 
 The weight is created in ``params_dtype`` like every megatron-core parameter (we use no
 ``Float16Module``): a float32 weight under bf16 activations sends ``torch.rms_norm`` down its unfused
-fp32 path (about a tenth of a dense bf16 step on an H200); the optimizer still keeps fp32 main weights.
+fp32 path (a dense bf16 step on an H200 went from 3.6 s to 2.8 s with it); the optimizer still
+keeps fp32 main weights.
 """
 
 from __future__ import annotations

@@ -41,7 +41,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.grouped_experts import use_grouped_gemm
-from megatron_ext.models.moe_dispatch import FastMoELayer
 
 RoutingMode = Literal["dropless", "drop", "recycle"]
 ROUTING_MODES: tuple[str, ...] = ("dropless", "drop", "recycle")
@@ -262,19 +261,16 @@ def router_builder(routing_mode: RoutingMode):
 
 
 def moe_module_spec(config: TransformerConfig, routing_mode: RoutingMode = "dropless") -> ModuleSpec:
-    """megatron-core's local MoE spec (SharedExpertMLP; SequentialMLP experts, or GroupedMLP in a
-    :class:`~megatron_ext.models.moe_dispatch.FastMoELayer` where
+    """megatron-core's local MoE spec (SharedExpertMLP; SequentialMLP experts, or GroupedMLP where
     :func:`~megatron_ext.models.grouped_experts.use_grouped_gemm` picks it) with :class:`RecycleRouter`.
+    Built models get the sync-free dispatcher from :func:`megatron_ext.models.moe_dispatch.install`.
 
     Use in a layer spec in place of ``get_moe_module_spec_for_backend(LocalSpecProvider(), ...)``.
     """
     check_routing_config(config, routing_mode)
-    grouped = use_grouped_gemm(config)
     spec = get_moe_module_spec_for_backend(
-        LocalSpecProvider(), num_experts=config.num_moe_experts, moe_grouped_gemm=grouped
+        LocalSpecProvider(), num_experts=config.num_moe_experts, moe_grouped_gemm=use_grouped_gemm(config)
     )
-    if grouped:   # device-side token counts feed the grouped GEMM: permute without host syncs
-        spec.module = FastMoELayer
     spec.submodules.router = router_builder(routing_mode)
     return spec
 

@@ -5,7 +5,7 @@ GroupedMLP on :mod:`megatron_ext.models.grouped_experts` against SequentialMLP.
 
 Builds one MoE layer (shared expert + 4 routed SwiGLU experts, top-2) with SequentialMLP experts and
 megatron-core's allgather dispatcher, saves it with dist_checkpointing, and loads that checkpoint into
-the same layer built with GroupedMLP experts (a FastMoELayer: with every expert on the rank, the
+the same layer built with GroupedMLP experts (with every expert on the rank, moe_dispatch gives it the
 sync-free dispatcher): the weights travel through the sharded keys both modules declare. Both layers,
 and bf16 copies of both, then run the same tokens (different per rank); records the largest output,
 input-gradient and expert-weight-gradient differences, plus the bf16 errors of both against the fp32
@@ -29,7 +29,7 @@ def build(grouped: bool, dtype: torch.dtype):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_ext.models import grouped_experts, recycle_routing
+    from megatron_ext.models import grouped_experts, moe_dispatch, recycle_routing
 
     config = TransformerConfig(
         num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=EXPERTS,
@@ -44,6 +44,7 @@ def build(grouped: bool, dtype: torch.dtype):
     recycle_routing.use_grouped_gemm = lambda config: grouped and grouped_experts.install()
     layer = build_module(recycle_routing.moe_module_spec(config, "dropless"), config=config)
     layer.set_layer_number(1)
+    moe_dispatch.install(layer)   # as model_builder.build_model does
     return layer
 
 
