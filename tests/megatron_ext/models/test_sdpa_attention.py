@@ -1,5 +1,5 @@
 """SDPA core attention computes megatron-core's DotProductAttention (the GPU fast path's CPU check;
-the bf16 GPU comparison is in docs/performance.md with its command)."""
+the bf16 GPU comparison and timing: benchmarks/attention_kernels.py, results in benchmarks/README.md)."""
 
 import json
 from pathlib import Path
