@@ -41,11 +41,12 @@ ops = types.SimpleNamespace(gmm=gmm)
 
 def install() -> bool:
     """Make megatron-core's ``GroupedMLP`` use :data:`ops` when the ``grouped_gemm`` package is absent;
-    True when the stand-in is (now) bound. Idempotent; leaves an installed package alone."""
+    True when ``GroupedMLP`` can run (the package, or the stand-in now bound). Idempotent; leaves an
+    installed package alone."""
     if grouped_gemm_util.grouped_gemm is None:
         grouped_gemm_util.grouped_gemm = types.SimpleNamespace(ops=ops)
         grouped_gemm_util.ops = ops
-    return grouped_gemm_util.ops is ops
+    return grouped_gemm_util.grouped_gemm_is_available()
 
 
 def unsupported_reason(config: TransformerConfig) -> str | None:

@@ -24,6 +24,20 @@ def test_gmm_is_a_per_expert_matmul():
     torch.testing.assert_close(gmm(a, bt, sizes, trans_b=True).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_installed_grouped_gemm_package_is_kept_and_used(monkeypatch):
+    import types
+
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    from megatron_ext.models import grouped_experts
+
+    package = types.SimpleNamespace(ops=types.SimpleNamespace(gmm=lambda *a, **k: None))
+    monkeypatch.setattr(grouped_gemm_util, "grouped_gemm", package)
+    monkeypatch.setattr(grouped_gemm_util, "ops", package.ops)
+    assert grouped_experts.install() is True
+    assert grouped_gemm_util.ops is package.ops            # the real package's kernels, not the stand-in
+
+
 def test_cpu_keeps_sequential_experts_and_names_unsupported_configs():
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
