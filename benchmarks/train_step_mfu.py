@@ -289,14 +289,18 @@ def profiled_step(step, retry: bool = True) -> dict[str, Any]:
 
 
 def run_layout(shape: str, recompute: str = "none", tp: int = 1, ep: int = 1,
-               world_size: int = 1) -> tuple[list[str], int, int]:
+               world_size: int = 1, micro_batch: int | None = None) -> tuple[list[str], int, int]:
     """Hydra overrides, micro-batch size and global batch size (sequences) of a run.
 
     Each GPU does the one-GPU run's work: the global batch is ``world_size`` x 128K tokens, and a
     tensor-parallel group's micro-batches are ``tp`` x the one-GPU micro-batch (the group splits each
     micro-batch's FLOPs ``tp`` ways), so every rank runs the one-GPU number of micro-batches.
+    ``micro_batch`` replaces the shape's one-GPU micro-batch (fewer, larger micro-batches a step).
     """
     overrides, mbs = SHAPES[shape]
+    mbs = micro_batch or mbs
+    if TOKENS_PER_STEP % (mbs * SEQ):
+        raise SystemExit(f"--micro-batch {mbs}: {TOKENS_PER_STEP // SEQ} sequences a step are not a multiple of it")
     if world_size % (tp * ep):
         raise SystemExit(f"--tp {tp} --ep {ep} do not fit {world_size} processes (torchrun --nproc-per-node)")
     if ep > 1 and "model.num_moe_experts=null" in overrides:
@@ -314,10 +318,13 @@ def run_layout(shape: str, recompute: str = "none", tp: int = 1, ep: int = 1,
             "parallel.pipeline_model_parallel_size=1", "parallel.sequence_parallel=true"], mbs, gbs
 
 
-def result_tag(shape: str, plain: bool = False, recompute: str = "none", tp: int = 1, ep: int = 1) -> str:
-    """``train_step_<tag>_<device>.json``: e.g. ``moe``, ``dense_plain``, ``dense_full``, ``moe_ep2``."""
+def result_tag(shape: str, plain: bool = False, recompute: str = "none", tp: int = 1, ep: int = 1,
+               micro_batch: int | None = None) -> str:
+    """``train_step_<tag>_<device>.json``: e.g. ``moe``, ``dense_plain``, ``dense_full``, ``moe_ep2``,
+    ``moe_mb2`` (a micro-batch other than the shape's)."""
+    mb = f"_mb{micro_batch}" if micro_batch and micro_batch != SHAPES[shape][1] else ""
     return (f"{shape}{'_plain' if plain else ''}{'' if recompute == 'none' else '_' + recompute}"
-            f"{f'_tp{tp}' if tp > 1 else ''}{f'_ep{ep}' if ep > 1 else ''}")
+            f"{f'_tp{tp}' if tp > 1 else ''}{f'_ep{ep}' if ep > 1 else ''}{mb}")
 
 
 def single_gpu_reference(path: Path, per_gpu_tflops: float) -> dict[str, Any] | None:
@@ -340,15 +347,16 @@ def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
 
 def use_plain_megatron_core() -> None:
     """What megatron-core 0.16.1 runs without TE / apex / grouped_gemm: its local attention,
-    SequentialMLP experts and the foreach Adam."""
+    SequentialMLP experts, the foreach Adam and no gradient-accumulation fusion."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_ext import optim
-    from megatron_ext.models import recycle_routing, sdpa_attention
+    from megatron_ext.models import grad_accumulation_fusion, recycle_routing, sdpa_attention
 
     sdpa_attention.core_attention_for = lambda config: DotProductAttention
     recycle_routing.use_grouped_gemm = lambda config: False
     optim.use_fused_adam = lambda optimizer: 0
+    grad_accumulation_fusion.use_gradient_accumulation_fusion = lambda: False
 
 
 def model_params(chunks, tp: int, ep: int) -> int:
@@ -386,11 +394,12 @@ def run_with_plain(args: argparse.Namespace) -> None:
     memory is not all freed inside a process), then the fast result records the plain one."""
     import subprocess
 
-    common = ["--shape", args.shape, "--steps", str(args.steps), "--recompute", args.recompute]
+    common = ["--shape", args.shape, "--steps", str(args.steps), "--recompute", args.recompute,
+              *(["--micro-batch", str(args.micro_batch)] if args.micro_batch else [])]
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}   # plain MoE needs it
     for extra in ([*(["--profile"] if args.profile else [])], ["--plain"]):
         subprocess.run([sys.executable, __file__, *common, *extra], check=True, env=env)
-    paths = [gpu_result_path(f"train_step_{result_tag(args.shape, plain, args.recompute)}")
+    paths = [gpu_result_path(f"train_step_{result_tag(args.shape, plain, args.recompute, micro_batch=args.micro_batch)}")
              for plain in (False, True)]
     fast, plain = (json.loads(p.read_text()) for p in paths)
     result = add_plain_comparison(fast, plain, f"benchmarks/results/{paths[1].name}")
@@ -410,6 +419,8 @@ def main() -> None:
                         help="profile one more step: GPU time by kernel class, top kernels, CPU-side gap")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (with sequence parallelism)")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE shapes)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="one GPU's micro-batch (default: the shape's; 128K tokens a step either way)")
     parser.add_argument("--with-plain", action="store_true",
                         help="one GPU: also run plain megatron-core (own process) and record the ratio")
     args = parser.parse_args()
@@ -429,7 +440,7 @@ def main() -> None:
 
     if args.plain:
         use_plain_megatron_core()
-    overrides, mbs, gbs = run_layout(args.shape, args.recompute, args.tp, args.ep, world)
+    overrides, mbs, gbs = run_layout(args.shape, args.recompute, args.tp, args.ep, world, args.micro_batch)
     cfg = load_config(overrides)
     env = distributed.initialize(cfg.parallel, seed=0)
     peak = matmul_peak_tflops()   # every rank on its own GPU, before the model takes memory
@@ -459,7 +470,7 @@ def main() -> None:
     peaks, memories, rank_params = per_rank(peak), per_rank(peak_memory), per_rank(float(n_params))
     if env.is_main:
         per_gpu_tflops = model_tflops / world
-        tag = result_tag(args.shape, args.plain, args.recompute, args.tp, args.ep)
+        tag = result_tag(args.shape, args.plain, args.recompute, args.tp, args.ep, args.micro_batch)
         result = {
             **gpu_record(),
             "shape": args.shape, "path": "plain megatron-core" if args.plain else "turbolaser fast path",
@@ -481,7 +492,7 @@ def main() -> None:
             "flops_formula": "flops_per_token in benchmarks/train_step_mfu.py (docstring)",
         }
         if world > 1:
-            reference = gpu_result_path(f"train_step_{result_tag(args.shape, args.plain, args.recompute)}")
+            reference = gpu_result_path(f"train_step_{result_tag(args.shape, args.plain, args.recompute, micro_batch=args.micro_batch)}")
             result["vs_one_gpu"] = single_gpu_reference(reference, per_gpu_tflops)
         if profile is not None:   # the gap again against the unprofiled median step
             profile["cpu_gap_vs_median_step_ms"] = step_s * 1e3 - profile["gpu_busy_ms"]

@@ -16,7 +16,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import cpu_backend
 from megatron_ext.errors import ConfigError
-from megatron_ext.models import hunyuan_moe, moe_dispatch, turbos_hybrid
+from megatron_ext.models import grad_accumulation_fusion, hunyuan_moe, moe_dispatch, turbos_hybrid
 
 FAMILIES = {"hunyuan_moe": hunyuan_moe, "turbos_hybrid": turbos_hybrid}
 
@@ -76,7 +76,8 @@ def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, 
         params_dtype=torch.float32 if cpu else torch.bfloat16,
         bf16=not cpu,
         use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
+        # wgrad GEMMs accumulate into the fp32 main_grad on GPUs (apex's kernel, or torch's stand-in)
+        gradient_accumulation_fusion=not cpu and grad_accumulation_fusion.use_gradient_accumulation_fusion(),
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,

@@ -227,6 +227,15 @@ def test_layout_must_fit_the_processes():
         mfu.run_layout("moe", tp=2, ep=2, world_size=2)
     with pytest.raises(SystemExit, match="no experts"):
         mfu.run_layout("dense", ep=2, world_size=2)
+    with pytest.raises(SystemExit, match="--micro-batch 3"):
+        mfu.run_layout("moe", micro_batch=3)
+
+
+def test_a_larger_micro_batch_keeps_the_tokens_a_step():
+    overrides, mbs, gbs = mfu.run_layout("moe", micro_batch=4)
+    assert (mbs, gbs * mfu.SEQ) == (4, mfu.TOKENS_PER_STEP)
+    assert "stages.pretrain.train.micro_batch_size=4" in overrides
+    assert mfu.run_layout("dense", tp=2, world_size=2, micro_batch=4)[1] == 8   # TP groups: tp x larger
 
 
 def test_result_tags_and_reference(tmp_path):
@@ -234,6 +243,8 @@ def test_result_tags_and_reference(tmp_path):
     assert mfu.result_tag("dense", tp=2) == "dense_tp2"
     assert mfu.result_tag("dense", plain=True, recompute="full") == "dense_plain_full"
     assert mfu.result_tag("hybrid") == "hybrid"
+    assert mfu.result_tag("moe", micro_batch=2) == "moe_mb2"
+    assert mfu.result_tag("dense", micro_batch=2) == "dense"     # the shape's own micro-batch
     assert mfu.single_gpu_reference(tmp_path / "missing.json", 100.0) is None
     ref = tmp_path / "train_step_moe_h200.json"
     ref.write_text(json.dumps({"commit": "abc", "step_s": 2.0, "model_tflops": 200.0}))

@@ -16,6 +16,8 @@ Modes:
   it holds a checkpoint; metrics go to ``<ckpt_root>/metrics``. ``+nan_steps=[k, ...]`` makes those
   steps' loss NaN. ``TL_TEST_KILL_IN_SAVE_AT=k`` SIGKILLs the process inside the save of step k,
   after the shards are written but before the checkpoint is marked latest. Preemption exits 75.
+- ``+grad_accum_fusion=true`` (any mode): the GPU path's gradient-accumulation fusion
+  (:mod:`megatron_ext.models.grad_accumulation_fusion`) forced on; ``reference`` records its calls.
 - ``resume``: train 2 steps, save, train 2 more ("straight"); then build a fresh model + optimizer,
   restore the step-2 checkpoint and train 2 steps: losses and final weights must equal the straight run.
 
@@ -33,6 +35,7 @@ import torch
 from launch.config import load_config
 from megatron_ext import checkpointing, distributed, model_builder, optim
 from megatron_ext.metrics import MetricsWriter
+from megatron_ext.models import grad_accumulation_fusion
 from megatron_ext.quiet import quiet_known_warnings
 from megatron_ext.fault_tolerance import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
 from megatron_ext.trainer import StepBatches, Trainer, lm_forward_step
@@ -53,6 +56,8 @@ def build_trainer(cfg, env, ckpt_root: Path) -> Trainer:
     from megatron.core import parallel_state
 
     config = model_builder.transformer_config(cfg.model, cfg.parallel)
+    if cfg.get("grad_accum_fusion"):
+        config.gradient_accumulation_fusion = grad_accumulation_fusion.install()
     chunks = model_builder.build_model(cfg.model, config, VOCAB)
     ddp = optim.wrap_ddp(chunks, config, True)
     train = cfg.stages.pretrain.train
@@ -77,6 +82,15 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
     env = distributed.initialize(cfg.parallel, int(cfg.seed))
     root = Path(ckpt_root)
     result = {}
+    fused_calls = []
+    if cfg.get("grad_accum_fusion"):
+        accumulate = grad_accumulation_fusion.ops.wgrad_gemm_accum_fp32
+
+        def counted(total_input, grad_output, main_grad):
+            fused_calls.append(tuple(main_grad.shape))
+            accumulate(total_input, grad_output, main_grad)
+
+        grad_accumulation_fusion.ops.wgrad_gemm_accum_fp32 = counted
     trainer = build_trainer(cfg, env, root)
     if mode == "reference":
         trainer.save()  # step-0 weights, the common starting point of every layout
@@ -90,6 +104,7 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         model_config = trainer.chunks[0].module.config
         result["recompute"] = [model_config.recompute_granularity, model_config.recompute_method]
         result["eval_loss_after"] = trainer.evaluate()
+        result["fused_wgrad_calls"] = len(fused_calls)
         checkpointing.save(Path(out + ".weights"), 2, trainer.chunks)
     elif mode == "compare":
         def resolve(path: Path) -> Path:  # a checkpoint folder, or a root whose latest is meant
