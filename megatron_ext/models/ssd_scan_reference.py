@@ -82,12 +82,17 @@ def ssd_chunked(
     C: torch.Tensor,
     chunk_size: int,
     initial_states: torch.Tensor | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked SSD scan on discretised inputs; returns ``(y, final_state)``.
 
     Shapes: x (b, l, h, p), dt (b, l, h) already discretised, A (h,), B and C (b, l, g, n),
     initial_states (b, h, p, n). ``y`` is (b, l, h, p) without the ``D`` skip or gate; the final state is
     (b, h, p, n). Steps 1-4 are those of the module docstring.
+
+    ``matmul_dtype`` (default: the inputs' dtype): the operands of the large contractions (steps 1, 2
+    and 4), as mamba_ssm's kernels feed bf16 to their tensor-core dots; decays, cumulative sums, the
+    chunk recurrence (step 3) and every sum of products' results stay in the inputs' dtype.
     """
     batch, seqlen, nheads, _ = x.shape
     B = _heads_from_groups(B, nheads)
@@ -106,13 +111,20 @@ def ssd_chunked(
     a = chunked(dt * A).permute(0, 3, 1, 2)  # (b, h, c, l): log-decay per token
     a_cumsum = a.cumsum(dim=-1)
 
+    compute = x.dtype
+    mm = matmul_dtype or compute
+
+    def gemm(spec: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(spec, left.to(mm), right.to(mm)).to(compute)
+
     # 1. within chunks: y = (C B^T o L) (dt x)
     decay = torch.exp(segment_sum(a))  # (b, h, c, l, s)
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay, xdt)
+    scores = gemm("bclhn,bcshn->bhcls", C, B) * decay
+    y_diag = gemm("bhcls,bcshp->bclhp", scores, xdt)
 
     # 2. each chunk's own final state, from a zero start
     decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # (b, h, c, l)
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, xdt)
+    chunk_states = gemm("bclhn,bclhp->bchpn", B, decay_to_end.permute(0, 2, 3, 1).unsqueeze(-1) * xdt)
 
     # 3. recurrence over chunk boundaries (a segment sum over chunks, with the initial state first)
     if initial_states is None:
@@ -123,7 +135,7 @@ def ssd_chunked(
     entering, final_state = states[:, :-1], states[:, -1]
 
     # 4. the state entering each chunk, read out at each token
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(a_cumsum))
+    y_off = gemm("bclhn,bchpn->bclhp", C, entering) * torch.exp(a_cumsum).permute(0, 2, 3, 1).unsqueeze(-1)
 
     y = (y_diag + y_off).reshape(batch, nchunks * chunk_size, *x.shape[2:])
     return y[:, :seqlen], final_state
@@ -161,7 +173,9 @@ def mamba_chunk_scan_combined(
 
     x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n), D (h,) or (h, p), z (b, l, h, p),
     dt_bias (h,), initial_states (b, h, p, n). Returns y (b, l, h, p) in ``x.dtype``, plus the final
-    state (b, h, p, n) when ``return_final_states``. Computes in at least float32.
+    state (b, h, p, n) when ``return_final_states``. Computes in at least float32, with the large
+    contractions' operands in ``x.dtype`` when that is bf16 / fp16 (as mamba_ssm's kernels: fp32 operands
+    there ran as SIMT GEMMs, an eighth of a hybrid training step on an H200).
 
     Packed sequences (``seq_idx``) and per-sequence states (``return_varlen_states``) are used only by
     megatron-core's dynamic-batching inference, which also needs ``causal_conv1d``; they are not
@@ -179,6 +193,7 @@ def mamba_chunk_scan_combined(
     y, final_state = ssd_chunked(
         x_c, dt, A.to(compute), B.to(compute), C.to(compute), chunk_size,
         None if initial_states is None else initial_states.to(compute),
+        matmul_dtype=x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None,
     )
     y = _skip_and_gate(y, x_c, None if D is None else D.to(compute), None if z is None else z.to(compute))
     y = y.to(out_dtype)

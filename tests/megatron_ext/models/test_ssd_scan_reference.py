@@ -117,3 +117,25 @@ def test_packed_sequences_are_refused_with_a_clear_error():
     with pytest.raises(NotImplementedError, match="seq_idx"):
         mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], 4,
                                   seq_idx=torch.zeros(1, 8, dtype=torch.int32))
+
+
+def test_bf16_inputs_contract_in_bf16_to_bf16_accuracy(monkeypatch):
+    """bf16 inputs: the large contractions take bf16 operands (mamba_ssm's precision, tensor cores on
+    GPUs) and the output stays within bf16 rounding of the float64 recurrence."""
+    t = _inputs(2, 40, 4, 8, 2, 16, seed=3)
+    bf = {k: t[k].to(torch.bfloat16) for k in ("x", "dt", "B", "C")}
+    seen = []
+    einsum = torch.einsum
+    monkeypatch.setattr(torch, "einsum", lambda spec, *ops: seen.append((spec, ops[0].dtype)) or einsum(spec, *ops))
+    y = mamba_chunk_scan_combined(bf["x"], bf["dt"], t["A"], bf["B"], bf["C"], 16, D=t["D"], dt_softplus=True)
+    monkeypatch.undo()
+    assert y.dtype == torch.bfloat16
+    assert len([spec for spec, dtype in seen if dtype == torch.bfloat16]) == 4      # steps 1 (two), 2 and 4
+    assert {spec for spec, dtype in seen if dtype != torch.bfloat16} == {"bhzc,bchpn->bzhpn"}   # step 3: fp32
+    exact = {k: v.double() for k, v in bf.items()}
+    y_ref, _ = sequential_ssm_reference(exact["x"], F.softplus(exact["dt"]), t["A"], exact["B"], exact["C"], D=t["D"])
+    scale = y_ref.abs().max()
+    assert (y.double() - y_ref).abs().max() / scale < 2e-2
+    y32 = mamba_chunk_scan_combined(*(bf[k].float() if k in bf else t[k].float() for k in ("x", "dt", "A", "B", "C")),
+                                    16, D=t["D"].float(), dt_softplus=True)
+    assert (y32.double() - y_ref).abs().max() / scale < 1e-5         # float32 inputs keep float32 contractions
