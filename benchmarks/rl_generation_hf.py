@@ -23,8 +23,11 @@ greedy tokens agree (first 16 positions / all): bf16 MoE routing can flip near-t
 continuations part, so agreement is reported, not asserted; the prefill logits' max difference on a
 few prompts is the direct check that the two compute the same model.
 
-CUDA graphs: not used; ``Generator`` has no graph-captured decode step (it steps a
-``StaticInferenceContext`` from Python and reads the sampled tokens back to the host every step).
+CUDA graphs: ``Generator``'s default on a GPU captures the decode step once per batch and replays it
+(:mod:`megatron_ext.decode_graph`; the prefill and sampling stay eager). ``ours_eager`` is the same
+``Generator`` with ``static_decode=False`` (every step launched from Python), for the graph's share;
+its greedy agreement with ``ours`` is recorded too (same weights and kernels up to the masked
+whole-cache attention of the captured step).
 
 Writes ``benchmarks/results/rl_generation_hf_<device>.json`` on a GPU (``--out`` elsewhere) and prints
 a one-line summary.
@@ -169,16 +172,19 @@ def _generate_fns(chunks, vocab: int, hf, prompts, new_tokens: int, suppress):
     from megatron_ext.generation import Generator, SamplingParams
 
     gen = Generator(chunks, vocab, max_batch_size=prompts.shape[0], use_cache=True)
+    eager = Generator(chunks, vocab, max_batch_size=prompts.shape[0], use_cache=True, static_decode=False)
     as_lists = prompts.tolist()
     input_ids = prompts.to(next(hf.parameters()).device)
     attention_mask = torch.ones_like(input_ids)
     prompt_len = prompts.shape[1]
 
-    def ours(n: int | None):
-        n = n or new_tokens
-        got = gen.generate(as_lists, SamplingParams(temperature=0.0, max_new_tokens=n, stop_token_ids=()))
-        assert all(len(o.tokens) == n for o in got)
-        return torch.tensor([o.tokens for o in got])
+    def with_generator(generator):
+        def ours(n: int | None):
+            n = n or new_tokens
+            got = generator.generate(as_lists, SamplingParams(temperature=0.0, max_new_tokens=n, stop_token_ids=()))
+            assert all(len(o.tokens) == n for o in got)
+            return torch.tensor([o.tokens for o in got])
+        return ours
 
     def theirs(n: int | None):
         n = n or new_tokens
@@ -188,7 +194,7 @@ def _generate_fns(chunks, vocab: int, hf, prompts, new_tokens: int, suppress):
         assert got.shape[1] == prompt_len + n
         return got[:, prompt_len:].cpu()
 
-    return ours, theirs
+    return {"ours": with_generator(gen), "ours_eager": with_generator(eager), "transformers": theirs}, gen
 
 
 def main() -> None:
@@ -277,7 +283,8 @@ def main() -> None:
                                     "weights stay resident throughout, so each side's peak counts both"},
         "ours": {"generator": "megatron_ext.generation.Generator, use_cache=True, max_batch_size=batch "
                               "(also computes each token's log-prob, as RL needs)",
-                 "cuda_graphs": "not used: Generator has no graph-captured decode step"},
+                 "cuda_graphs": "decode step captured once per batch where megatron_ext.decode_graph allows "
+                                "(row: ours_cuda_graphs); ours_eager: static_decode=False"},
         "transformers_generate": {**hf_impl, "cache": "default (dynamic)", "compile": False},
         "phases": phases,
         "prefill_logits": logits_check,
@@ -287,19 +294,22 @@ def main() -> None:
                                            else REPO / "benchmarks" / "results" / "rl_generation_hf_cpu.json")
     for batch in args.batch_sizes:
         batch_prompts = prompts[:batch]
-        ours_generate, hf_generate = _generate_fns(chunks, vocab, hf, batch_prompts, new_tokens, suppress)
-        row = {"batch_size": batch}
+        sides, gen = _generate_fns(chunks, vocab, hf, batch_prompts, new_tokens, suppress)
+        row = {"batch_size": batch, "ours_cuda_graphs": gen.decode_graphs}
         tokens = {}
-        for name, fn in (("ours", ours_generate), ("transformers", hf_generate)):
+        for name, fn in sides.items():
             _reset_peak(device)
             median, seconds, tokens[name] = _timed(fn, args.repeats, device, new_tokens)
             row[name] = {"median_s": median, "seconds": seconds, "tokens_per_s": batch * new_tokens / median,
                          "peak_memory_gib": _peak_gib(device)}
         row["speedup"] = row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+        row["speedup_vs_ours_eager"] = row["ours"]["tokens_per_s"] / row["ours_eager"]["tokens_per_s"]
         row["greedy_agreement"] = _agreement(tokens["ours"], tokens["transformers"])
+        row["greedy_agreement_ours_eager"] = _agreement(tokens["ours"], tokens["ours_eager"])
         rows.append(row)
         write_result(out, result)   # after every batch size: a run cut short keeps what it measured
-        print(f"batch {batch:3d}: ours {row['ours']['tokens_per_s']:9.1f} tok/s, transformers "
+        print(f"batch {batch:3d}: ours {row['ours']['tokens_per_s']:9.1f} tok/s (graphs {gen.decode_graphs}; eager "
+              f"{row['ours_eager']['tokens_per_s']:.1f}), transformers "
               f"{row['transformers']['tokens_per_s']:9.1f} tok/s, {row['speedup']:.2f}x; greedy agreement "
               f"first16 {row['greedy_agreement']['first16']:.3f} all {row['greedy_agreement']['all']:.3f}",
               flush=True)

@@ -19,6 +19,12 @@ off while generating (:func:`sequence_parallel_disabled`). With expert paralleli
 of the data-parallel group must run the same forwards (the MoE dispatch is collective), so the batch
 count, batch size, prefill length and step count are agreed over that group first.
 
+Decode steps: once the prefill is done, each step feeds one token per row. Where
+:func:`megatron_ext.decode_graph.static_reason` allows (one chunk, no TP / PP, our attention layers)
+those steps run on fixed buffers at a device-side position (:class:`~megatron_ext.decode_graph.DecodeStep`),
+and on GPUs (sync-free MoE dispatch, no EP) the step is captured as a CUDA graph once per batch and
+replayed: a decode step otherwise spends most of its time launching kernels from Python.
+
 MoE routing is dropless while generating (:func:`megatron_ext.models.recycle_routing.dropless_routing`):
 capacity is a training-throughput device, and with it a token's output would depend on which other
 prompts share its batch.
@@ -37,6 +43,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_ext import decode_graph
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.recycle_routing import dropless_routing
 
@@ -236,9 +243,13 @@ class Generator:
     ``vocab_size``: the tokenizer's size; logits of the padded vocabulary beyond it are never sampled.
     ``max_batch_size``: sequences per static context (memory: KV cache and Mamba states scale with it).
     ``use_cache=False`` re-runs the whole prefix every step: the reference the cache must reproduce.
+    ``static_decode``: one-token steps on fixed buffers, CUDA-graph captured on GPUs
+    (:mod:`megatron_ext.decode_graph`); None = wherever the model and device allow a graph, True = on
+    any device (eager on CPU; a ConfigError where the model does not allow it), False = never.
     """
 
-    def __init__(self, chunks, vocab_size: int, max_batch_size: int = 16, use_cache: bool = True):
+    def __init__(self, chunks, vocab_size: int, max_batch_size: int = 16, use_cache: bool = True,
+                 static_decode: bool | None = None):
         self.chunks = [_unwrap(c) for c in (chunks if isinstance(chunks, (list, tuple)) else [chunks])]
         config = self.chunks[0].config
         self.hidden_size = config.hidden_size
@@ -249,6 +260,13 @@ class Generator:
         self.use_cache = use_cache
         self.device = next(self.chunks[0].parameters()).device
         self.stats = GenerationStats()
+        self.static_decode, self.decode_graphs = False, False
+        if use_cache and static_decode is not False:
+            reason = decode_graph.static_reason(self.chunks)
+            if static_decode and reason is not None:
+                raise ConfigError(f"generation: static_decode=True, but the model cannot run it: {reason}")
+            self.decode_graphs = decode_graph.graph_reason(self.chunks) is None
+            self.static_decode = reason is None and (bool(static_decode) or self.decode_graphs)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -299,7 +317,8 @@ class Generator:
         logprobs = torch.zeros(width, max_len)
         finished = torch.zeros(width, dtype=torch.bool)
         produced = torch.zeros(width, dtype=torch.long)
-        ctx = StaticInferenceContext(width, max_len) if self.use_cache else None
+        ctx = decode_graph.StaticDecodeContext(width, max_len) if self.use_cache else None
+        step = None          # the fixed-buffer decode step, made after the prefill
         pos = start          # the position whose token is chosen in this step
         prev = 0             # the first position not yet fed to the model
         while pos < max_len:
@@ -307,8 +326,13 @@ class Generator:
                 break
             feed_from = prev if self.use_cache else 0
             inp = tokens[:, feed_from:pos].to(self.device)
-            position_ids = torch.arange(feed_from, pos, device=self.device).expand(width, -1)
-            logits = _pipeline_forward(self.chunks, inp, position_ids, ctx, self.hidden_size, self.dtype)
+            if self.static_decode and prev > 0 and step is None:
+                step = decode_graph.DecodeStep(self.chunks[0], ctx, width, self.device, capture=self.decode_graphs)
+            if step is not None:
+                logits = step(inp, prev)
+            else:
+                position_ids = torch.arange(feed_from, pos, device=self.device).expand(width, -1)
+                logits = _pipeline_forward(self.chunks, inp, position_ids, ctx, self.hidden_size, self.dtype)
             self.stats.forward_steps += 1
             if ctx is not None:
                 ctx.sequence_len_offset += pos - prev

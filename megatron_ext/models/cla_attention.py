@@ -27,7 +27,10 @@ KV cache for generation. With megatron's static-batching inference context
 caches its group's K/V in ``inference_context.key_value_memory_dict[producer layer_number]``: one entry
 per group, not per layer; consumers read it through the store. Unlike megatron, the cache holds K
 *after* RoPE (and after QK-norm in Hunyuan's order), so a decoding step rotates only the new token's
-key. :func:`cla_generate_greedy` drives it. Dynamic batching, flash-decode and packed sequences
+key. :func:`cla_generate_greedy` drives it. A context with a ``decode_position`` tensor
+(:class:`megatron_ext.decode_graph.StaticDecodeContext`) switches one-token steps to fixed shapes:
+K/V written at that device-side position, attention over the whole cache under a key mask, so the
+step can be captured as a CUDA graph. Dynamic batching, flash-decode and packed sequences
 (THD) are not supported (they need flash-attn kernels this path does not call); the specs here are
 the local (non-TE) ones, whose ``DotProductAttention`` takes the explicit mask a multi-token step
 after the prompt needs.
@@ -426,10 +429,12 @@ class _CLAForward:
         b0 = ctx.batch_size_offset
         b1 = b0 + key.size(1)
         if self.layer_number not in ctx.key_value_memory_dict:
+            # zeros, not empty: a static decode step attends over the whole buffer (masked), and
+            # uninitialised memory could hold NaNs that a zero attention weight does not cancel
             shape = (ctx.max_sequence_length, ctx.max_batch_size) + tuple(key.shape[2:])
             ctx.key_value_memory_dict[self.layer_number] = (
-                torch.empty(shape, dtype=key.dtype, device=key.device),
-                torch.empty(shape, dtype=value.dtype, device=value.device),
+                torch.zeros(shape, dtype=key.dtype, device=key.device),
+                torch.zeros(shape, dtype=value.dtype, device=value.device),
             )
         k_mem, v_mem = ctx.key_value_memory_dict[self.layer_number]
         if end > k_mem.size(0) or b1 > k_mem.size(1):
@@ -437,6 +442,12 @@ class _CLAForward:
                 f"inference_context holds max_sequence_length={k_mem.size(0)}, max_batch_size="
                 f"{k_mem.size(1)}; this step needs {end} positions and {b1} sequences: enlarge them"
             )
+        position = getattr(ctx, "decode_position", None)
+        if position is not None:   # static decode: a device-side position, the whole buffer back
+            k_all, v_all = k_mem[:, b0:b1], v_mem[:, b0:b1]
+            k_all.index_copy_(0, position, key)
+            v_all.index_copy_(0, position, value)
+            return k_all, v_all
         k_mem[start:end, b0:b1] = key
         v_mem[start:end, b0:b1] = value
         return k_mem[:end, b0:b1], v_mem[:end, b0:b1]
@@ -474,7 +485,14 @@ class _CLAForward:
         query, key, value = self._project(hidden_states)
         sq = query.size(0)
         start = ctx.sequence_len_offset if ctx is not None else 0
-        if ctx is not None:
+        # static decode (megatron_ext.decode_graph): one token at a position held on the device
+        position = getattr(ctx, "decode_position", None) if ctx is not None else None
+        if position is not None:
+            if sq != 1:
+                raise RuntimeError(f"a static decode step feeds one token per sequence, got {sq}")
+            q_pos = None if q_pos is None else q_pos.index_select(0, position)
+            k_pos = None if k_pos is None else k_pos.index_select(0, position)
+        elif ctx is not None:
             # The context's RoPE table spans max_sequence_length; take this step's positions.
             q_pos = None if q_pos is None else q_pos[start:start + sq]
             k_pos = None if k_pos is None else k_pos[start:start + sq]
@@ -493,7 +511,10 @@ class _CLAForward:
             )
 
         attn_mask_type = self.attn_mask_type
-        if ctx is not None and start > 0:
+        if position is not None:
+            # every cache slot is attended but those after the position ([1, 1, 1, max_len], True = masked)
+            attention_mask, attn_mask_type = ctx.decode_key_mask, AttnMaskType.arbitrary
+        elif ctx is not None and start > 0:
             # Past the prompt: the new queries see every cached key up to their own position.
             if sq == 1:
                 attention_mask, attn_mask_type = None, AttnMaskType.no_mask

@@ -22,9 +22,10 @@ def test_tiny_cpu_run_records_both_sides_and_they_agree(tmp_path):
     assert result["prefill_logits"]["argmax_agreement"] == 1.0
     assert [r["batch_size"] for r in result["results"]] == [1, 2]
     for row in result["results"]:
-        for side in ("ours", "transformers"):
+        assert row["ours_cuda_graphs"] is False               # CPU: no graph
+        for side in ("ours", "ours_eager", "transformers"):
             assert row[side]["tokens_per_s"] > 0 and len(row[side]["seconds"]) == result["settings"]["repeats"]
         assert row["speedup"] == row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
-        assert row["greedy_agreement"] == {"first16": 1.0, "all": 1.0,
-                                           "mean_first_difference": result["settings"]["new_tokens"]}
+        for key in ("greedy_agreement", "greedy_agreement_ours_eager"):
+            assert row[key] == {"first16": 1.0, "all": 1.0, "mean_first_difference": result["settings"]["new_tokens"]}
     assert '"summary": "rl_generation_hf tiny cpu' in proc.stdout

@@ -4,7 +4,8 @@
 
 Modes:
 - ``reference`` (one process): random init, save the weights as step 0 of ``<ckpt_root>``, then
-  generate from fixed prompts of different lengths: greedy with and without the KV cache, and sampled.
+  generate from fixed prompts of different lengths: greedy with and without the KV cache, and sampled;
+  and both again with the static decode step where the model allows it.
 - ``layout``: load those weights under the configured layout (TP / PP / EP ...) and generate the same,
   and greedily once more with the prompts split over the data-parallel ranks.
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from launch.config import load_config
 from megatron_ext import checkpointing, distributed, model_builder
+from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator, SamplingParams
 from megatron_ext.quiet import quiet_known_warnings
 
@@ -67,6 +69,16 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         result["sampled_again"] = run(gen, sampled, seed=5)
         result["sampled_other_seed"] = run(gen, sampled, seed=6)
         result["stats"] = gen.stats.as_dict()
+        # the fixed-buffer decode step (megatron_ext.decode_graph), eager here; auto picks it only
+        # where a CUDA graph can be captured
+        result["static_by_default"] = Generator(chunks, VOCAB).static_decode
+        try:
+            static = Generator(chunks, VOCAB, max_batch_size=3, static_decode=True)
+        except ConfigError as refused:
+            result["static_refused"] = str(refused)
+        else:
+            result["greedy_static"] = run(static, greedy)
+            result["sampled_static"] = run(static, sampled, seed=5)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(result))
     dist.barrier()

@@ -1,0 +1,140 @@
+"""One-token decode steps on fixed buffers, captured once per batch and replayed as a CUDA graph.
+
+Why: a decode step of the MoE model launches a few thousand small kernels from Python, and on an H200
+the GPU idled between them: about 70 ms a step at batch 1 and at batch 32 alike
+(benchmarks/README.md, "RL generation"). A CUDA graph replays all of a step's kernels with one launch.
+
+A step is capturable when its shapes and addresses do not change from one step to the next.
+:class:`StaticDecodeContext` is megatron-core's ``StaticInferenceContext`` plus a device-side position
+and key mask; our attention (:mod:`megatron_ext.models.cla_attention`) then writes K/V with
+``index_copy_`` at that position, attends over the whole cache under the mask and takes its RoPE row
+with ``index_select``. The rest of a Hunyuan decode step already has step-independent shapes
+(embedding, norms, router, the sync-free MoE dispatcher, grouped-GEMM experts, output layer).
+
+Scope (:func:`static_reason`, :func:`graph_reason`): one model chunk without tensor, pipeline or expert
+parallelism (no collectives in the graph), every attention layer ours. Not the TurboS hybrid:
+megatron-core's ``SelfAttention`` indexes its cache by host-side offsets, and a Mamba step updates its
+states in place, which the warm-up runs before a capture would repeat. Those run eagerly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+
+log = logging.getLogger(__name__)
+
+WARMUP_RUNS = 2   # eager runs before capturing: lazy initialisation and TorchScript's profiling runs
+
+
+class StaticDecodeContext(StaticInferenceContext):
+    """``StaticInferenceContext`` that, after :meth:`start_static_decode`, holds the step's position on
+    the device: ``decode_position`` ([1], long) and ``decode_key_mask`` ([1, 1, 1, max_len], True for
+    cache slots after the position, megatron's convention)."""
+
+    decode_position: torch.Tensor | None = None
+    decode_key_mask: torch.Tensor | None = None
+
+    def start_static_decode(self, device: torch.device) -> None:
+        self.decode_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.decode_key_mask = torch.ones(1, 1, 1, self.max_sequence_length, dtype=torch.bool, device=device)
+        self._slots = torch.arange(self.max_sequence_length, device=device)
+
+    def set_position(self, position: int) -> None:
+        """In place, so a captured graph reads the new values (no host sync)."""
+        self.decode_position.fill_(position)
+        torch.gt(self._slots, self.decode_position, out=self.decode_key_mask.view(-1))
+
+
+def static_reason(chunks) -> str | None:
+    """Why the static decode step cannot run this model, or None."""
+    from megatron.core.transformer.attention import Attention
+
+    from megatron_ext.models.cla_attention import _CLAForward
+
+    if len(chunks) != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        return "pipeline parallelism"
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        return "tensor parallelism"
+    for module in chunks[0].modules():
+        if isinstance(module, Attention) and not isinstance(module, _CLAForward):
+            return f"megatron-core's {type(module).__name__} caches K/V by host-side offsets"
+        if type(module).__name__ == "MambaMixer":
+            return "Mamba layers update their states in place (warm-up runs would repeat a step)"
+    return None
+
+
+def graph_reason(chunks) -> str | None:
+    """Why a static decode step of this model cannot be captured as a CUDA graph, or None."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_ext.models.moe_dispatch import DroplessAllGatherDispatcher
+
+    reason = static_reason(chunks)
+    if reason is not None:
+        return reason
+    if not next(chunks[0].parameters()).is_cuda:
+        return "not on a GPU"
+    if parallel_state.get_expert_model_parallel_world_size() != 1:
+        return "expert parallelism"
+    for module in chunks[0].modules():
+        if isinstance(module, MoELayer) and not isinstance(module.token_dispatcher, DroplessAllGatherDispatcher):
+            return "MoE layers without the sync-free dispatcher (megatron-core's copies counts to the host)"
+    return None
+
+
+class DecodeStep:
+    """The model's forward for one token per sequence, at a position given per call, over fixed input
+    buffers; with ``capture`` the first call records it as a CUDA graph and every call replays it.
+
+    The caller keeps the context's ``sequence_len_offset`` bookkeeping; the position passed is the
+    cache slot of the fed token (the context's ``sequence_len_offset``)."""
+
+    def __init__(self, model, ctx: StaticDecodeContext, width: int, device: torch.device, capture: bool):
+        self.model, self.ctx, self.capture = model, ctx, capture
+        self.tokens = torch.zeros(width, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(width, 1, dtype=torch.long, device=device)
+        ctx.start_static_decode(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(self.tokens, self.positions, None, inference_context=self.ctx, runtime_gather_output=True)
+
+    def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits [b, 1, V] of feeding ``tokens`` [b, 1] at ``position``; with capture, a buffer the
+        next call overwrites."""
+        self.tokens.copy_(tokens)
+        self.positions.fill_(position)
+        self.ctx.set_position(position)
+        if not self.capture:
+            return self._forward()
+        if self.graph is None:
+            self._record()
+            if self.graph is None:   # capture failed: eager from here on
+                return self._forward()
+        self.graph.replay()
+        return self.logits
+
+    def _record(self) -> None:
+        """Warm up on a side stream (each run rewrites the same K/V slot: idempotent for attention
+        layers), then capture."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_RUNS):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.logits = self._forward()
+        except Exception as error:   # noqa: BLE001  any capture failure: the eager step still works
+            log.warning("decode step not captured as a CUDA graph (%s: %s); decoding eagerly",
+                        type(error).__name__, error)
+            self.capture = False
+            return
+        self.graph = graph
