@@ -21,7 +21,9 @@ scripted fusions profile, then specialise), then the median of ``--repeats`` ful
 queue is drained around each call. Recorded: generated tokens/s of both, their ratio, and how many
 greedy tokens agree (first 16 positions / all): bf16 MoE routing can flip near-ties, after which the
 continuations part, so agreement is reported, not asserted; the prefill logits' max difference on a
-few prompts is the direct check that the two compute the same model.
+few prompts is the direct check that the two compute the same model. In bf16 both sides' prefill
+logits are also compared with transformers' in fp32 on the same exported weights
+(``vs_transformers_fp32``), which tells a precision difference from one side computing another model.
 
 CUDA graphs: ``Generator``'s default on a GPU captures the decode step once per batch and replays it
 (:mod:`megatron_ext.decode_graph`; the prefill and sampling stay eager). ``ours_eager`` is the same
@@ -245,6 +247,15 @@ def main() -> None:
         t0 = time.perf_counter()
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
         phases["hf_load_s"] = time.perf_counter() - t0
+        k = min(LOGITS_PROMPTS, prompts.shape[0])
+        reference = None
+        if dtype != torch.float32:   # the exported weights in fp32: which bf16 side strays from them
+            hf32 = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
+            with torch.no_grad():
+                reference = hf32(prompts[:k].to(device)).logits[..., :vocab].float()
+            del hf32
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(f"{n_params / 1e9:.2f}B parameters ({dtype}); " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
           flush=True)
     hf.generation_config.eos_token_id = None   # no stop tokens: every row generates all tokens
@@ -254,7 +265,6 @@ def main() -> None:
                "experts": getattr(hf.config, "_experts_implementation", None)}
 
     # Same model? Prefill logits of a few prompts, through each side's plain forward.
-    k = min(LOGITS_PROMPTS, prompts.shape[0])
     ids = prompts[:k].to(device)
     chunks[0].eval()
     with torch.no_grad():
@@ -263,6 +273,12 @@ def main() -> None:
     logits_check = {"prompts": k, "max_abs_diff": (ours_logits.float() - hf_logits.float()).abs().max().item(),
                     "max_abs_logit": ours_logits.float().abs().max().item(),
                     "argmax_agreement": (ours_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean().item()}
+    if reference is not None:
+        logits_check["vs_transformers_fp32"] = {
+            side: {"max_abs_diff": (got.float() - reference).abs().max().item(),
+                   "mean_abs_diff": (got.float() - reference).abs().mean().item(),
+                   "argmax_agreement": (got.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+            for side, got in (("ours", ours_logits), ("transformers", hf_logits))}
     del ours_logits, hf_logits
 
     import transformers

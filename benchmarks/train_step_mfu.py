@@ -430,6 +430,10 @@ def main() -> None:
             raise SystemExit("--with-plain runs both paths itself on one GPU: drop --plain / --tp / --ep")
         return run_with_plain(args)
     single_rank_env()   # a no-op under torchrun, which sets these variables
+    if args.tp > 1:
+        # as launch/conf/cluster/slurm.yaml: megatron-core's linear layers queue the sequence-parallel
+        # all-gather / reduce-scatter before the GEMMs they overlap with only on one hardware queue
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     world = int(os.environ["WORLD_SIZE"])
     from megatron.core import parallel_state
 
