@@ -13,8 +13,8 @@ and leaves the counts on the GPU, which the grouped GEMM (:mod:`megatron_ext.mod
 takes as they are.
 
 :func:`install` puts it into a built model's MoE layers where that holds (grouped-GEMM experts, all
-local, dropless, allgather); per forward it falls back to megatron-core's own permutation when the
-row count is not known (a padding mask, or capacity routing switched on). Installed after building,
+local, allgather); per forward it falls back to megatron-core's own permutation when the row count is
+not known (a padding mask, or capacity routing, which generation switches off). Installed after building,
 not through a ``MoELayer`` subclass in the spec, so megatron-core's layers still pass their process
 groups to ``MoELayer`` (they do so only for ``MoELayer`` itself).
 """
@@ -53,15 +53,15 @@ class DroplessAllGatherDispatcher(MoEAllGatherTokenDispatcher):
 
 def applies(layer: MoELayer) -> bool:
     """Whether :class:`DroplessAllGatherDispatcher` can serve ``layer``: grouped-GEMM experts (they take
-    device-side counts), allgather dispatch, every expert on this rank, no capacity (dropless), no
-    padding of expert inputs, no shared-expert overlap."""
+    device-side counts), allgather dispatch, every expert on this rank, no padding of expert inputs, no
+    shared-expert overlap. Capacity routing is fine: those calls take megatron-core's permutation, and
+    generation (dropless routing) the sync-free one, which its CUDA-graph decode step needs."""
     from megatron.core.transformer.moe.experts import GroupedMLP
 
     config = layer.config
     return (isinstance(layer.experts, GroupedMLP)
             and type(layer.token_dispatcher) is MoEAllGatherTokenDispatcher
             and layer.num_local_experts == config.num_moe_experts
-            and config.moe_expert_capacity_factor is None
             and not config.moe_pad_expert_input_to_capacity
             and not config.moe_shared_expert_overlap)
 

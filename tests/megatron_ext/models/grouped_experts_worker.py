@@ -9,7 +9,8 @@ the same layer built with GroupedMLP experts (with every expert on the rank, moe
 sync-free dispatcher): the weights travel through the sharded keys both modules declare. Both layers,
 and bf16 copies of both, then run the same tokens (different per rank); records the largest output,
 input-gradient and expert-weight-gradient differences, plus the bf16 errors of both against the fp32
-SequentialMLP.
+SequentialMLP. The same with capacity routing (drop mode): megatron-core's permutation while tokens
+are dropped, the sync-free one under generation's dropless routing.
 """
 
 import json
@@ -25,7 +26,8 @@ from megatron_ext.quiet import quiet_known_warnings
 SEQ, BATCH, HIDDEN, EXPERTS, FFN = 6, 3, 32, 4, 48
 
 
-def build(grouped: bool, dtype: torch.dtype):
+def build(grouped: bool, dtype: torch.dtype, capacity: float | None = None):
+    """One MoE layer; with ``capacity``, routed in ``drop`` mode (capacity factor ``capacity``)."""
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
@@ -40,9 +42,11 @@ def build(grouped: bool, dtype: torch.dtype):
         bf16=True,   # GroupedMLP asserts the flag; params_dtype decides the arithmetic
         expert_model_parallel_size=int(os.environ.get("WORLD_SIZE", 1)),
         moe_router_load_balancing_type="none", init_method_std=0.3, moe_router_dtype="fp32",
+        moe_expert_capacity_factor=capacity,
     )
     recycle_routing.use_grouped_gemm = lambda config: grouped and grouped_experts.install()
-    layer = build_module(recycle_routing.moe_module_spec(config, "dropless"), config=config)
+    mode = "dropless" if capacity is None else "drop"
+    layer = build_module(recycle_routing.moe_module_spec(config, mode), config=config)
     layer.set_layer_number(1)
     moe_dispatch.install(layer)   # as model_builder.build_model does
     return layer
@@ -106,6 +110,28 @@ def main(tmp: str, out: str) -> None:
     (seq_out, _), (grp_out, _) = run(sequential, x, padding), run(grouped, x, padding)
     results["padded"] = {"out": float((seq_out - grp_out).abs().max()),
                          "rows_known": getattr(grouped.token_dispatcher, "rows_known", None)}
+
+    # capacity routing: the grouped layer keeps megatron-core's permutation while tokens are dropped,
+    # and permutes sync-free once generation switches the routers to dropless
+    from megatron_ext.models.recycle_routing import dropless_routing
+
+    capped = os.path.join(tmp, "capped")
+    if rank == 0:
+        os.makedirs(capped, exist_ok=True)
+    torch.distributed.barrier()
+    seq_cap = build(False, torch.float32, capacity=0.5)
+    dist_checkpointing.save(seq_cap.sharded_state_dict(), capped)
+    grp_cap = build(True, torch.float32, capacity=0.5)
+    grp_cap.load_state_dict(dist_checkpointing.load(grp_cap.sharded_state_dict(), capped))
+    (seq_out, _), (grp_out, _) = run(seq_cap, x), run(grp_cap, x)
+    results["capacity"] = {"dispatcher": type(grp_cap.token_dispatcher).__name__,
+                           "out": float((seq_out - grp_out).abs().max()),
+                           "rows_known": getattr(grp_cap.token_dispatcher, "rows_known", None)}
+    with dropless_routing([seq_cap, grp_cap]):
+        (seq_free, _), (grp_free, _) = run(seq_cap, x), run(grp_cap, x)
+    results["capacity"].update(dropless_out=float((seq_free - grp_free).abs().max()),
+                               dropless_rows_known=getattr(grp_cap.token_dispatcher, "rows_known", None),
+                               dropless_changed=float((seq_free - seq_out).abs().max()))
 
     from megatron_ext.models.grouped_experts import expert_module_name
 

@@ -70,6 +70,12 @@ def test_grouped_mlp_matches_sequential_mlp_from_its_checkpoint(tmp_path, torchr
     assert got["rows_known"] is (True if nproc == 1 else None)
     assert got["padded"]["rows_known"] is (False if nproc == 1 else None)   # a padding mask: megatron's path
     assert got["padded"]["out"] < 1e-5 * got["float32"]["out_scale"], got["padded"]
+    cap = got["capacity"]
+    assert cap["dispatcher"] == fast[1 if nproc == 1 else 0]
+    assert cap["rows_known"] is (False if nproc == 1 else None)          # dropping: megatron's path
+    assert cap["dropless_rows_known"] is (True if nproc == 1 else None)  # generation: sync-free
+    assert cap["dropless_changed"] > 1e-3                                # capacity 0.5 did drop tokens
+    assert max(cap["out"], cap["dropless_out"]) < 1e-5 * got["float32"]["out_scale"], cap
     fp32, bf16 = got["float32"], got["bfloat16"]
     assert fp32["out_scale"] > 0.1, fp32                          # the layer computes something
     assert max(fp32["out"], fp32["grad"], fp32["weight_grad"]) < 1e-5 * fp32["out_scale"], fp32
