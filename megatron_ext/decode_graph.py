@@ -6,15 +6,17 @@ the GPU idled between them: about 70 ms a step at batch 1 and at batch 32 alike
 
 A step is capturable when its shapes and addresses do not change from one step to the next.
 :class:`StaticDecodeContext` is megatron-core's ``StaticInferenceContext`` plus a device-side position
-and key mask; our attention (:mod:`megatron_ext.models.cla_attention`) then writes K/V with
-``index_copy_`` at that position, attends over the whole cache under the mask and takes its RoPE row
-with ``index_select``. The rest of a Hunyuan decode step already has step-independent shapes
-(embedding, norms, router, the sync-free MoE dispatcher, grouped-GEMM experts, output layer).
+and key mask; our attention layers (Hunyuan's :mod:`~megatron_ext.models.cla_attention`, TurboS'
+:mod:`~megatron_ext.models.static_decode_attention`) then write K/V with ``index_copy_`` at that
+position, attend over the whole cache under the mask and take their RoPE rows with ``index_select``.
+The rest of a decode step already has step-independent shapes (embedding, norms, router, the sync-free
+MoE dispatcher, grouped-GEMM experts, megatron-core's Mamba2 step on its in-place states, output layer).
+A Mamba step advances its states, so they are saved before the warm-up runs that precede a capture and
+restored after them (attention warm-ups only rewrite the step's own cache slot).
 
 Scope (:func:`static_reason`, :func:`graph_reason`): one model chunk without tensor, pipeline or expert
-parallelism (no collectives in the graph), every attention layer ours. Not the TurboS hybrid:
-megatron-core's ``SelfAttention`` indexes its cache by host-side offsets, and a Mamba step updates its
-states in place, which the warm-up runs before a capture would repeat. Those run eagerly as before.
+parallelism (no collectives in the graph), every attention layer one of ours. Other models decode
+eagerly as before.
 """
 
 from __future__ import annotations
@@ -54,17 +56,21 @@ def static_reason(chunks) -> str | None:
     from megatron.core.transformer.attention import Attention
 
     from megatron_ext.models.cla_attention import _CLAForward
+    from megatron_ext.models.static_decode_attention import StaticDecodeSelfAttention
 
     if len(chunks) != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
         return "pipeline parallelism"
     if parallel_state.get_tensor_model_parallel_world_size() != 1:
         return "tensor parallelism"
     for module in chunks[0].modules():
-        if isinstance(module, Attention) and not isinstance(module, _CLAForward):
+        if isinstance(module, Attention) and not isinstance(module, (_CLAForward, StaticDecodeSelfAttention)):
             return f"megatron-core's {type(module).__name__} caches K/V by host-side offsets"
-        if type(module).__name__ == "MambaMixer":
-            return "Mamba layers update their states in place (warm-up runs would repeat a step)"
     return None
+
+
+def _stateful_layers(model) -> list[int]:
+    """Layer numbers whose inference cache entries a step advances in place (Mamba conv / SSM states)."""
+    return [m.layer_number for m in model.modules() if type(m).__name__ == "MambaMixer"]
 
 
 def graph_reason(chunks) -> str | None:
@@ -98,6 +104,7 @@ class DecodeStep:
         self.tokens = torch.zeros(width, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(width, 1, dtype=torch.long, device=device)
         ctx.start_static_decode(device)
+        self.stateful = _stateful_layers(model)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -120,14 +127,17 @@ class DecodeStep:
         return self.logits
 
     def _record(self) -> None:
-        """Warm up on a side stream (each run rewrites the same K/V slot: idempotent for attention
-        layers), then capture."""
+        """Warm up on a side stream, then capture. An attention warm-up rewrites the step's own K/V
+        slot; the Mamba states a warm-up advances are put back as they were."""
+        saved = [(t, t.clone()) for layer in self.stateful for t in self.ctx.key_value_memory_dict[layer]]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_RUNS):
                 self._forward()
         torch.cuda.current_stream().wait_stream(stream)
+        for state, copy in saved:
+            state.copy_(copy)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):

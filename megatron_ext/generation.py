@@ -20,7 +20,7 @@ of the data-parallel group must run the same forwards (the MoE dispatch is colle
 count, batch size, prefill length and step count are agreed over that group first.
 
 Decode steps: once the prefill is done, each step feeds one token per row. Where
-:func:`megatron_ext.decode_graph.static_reason` allows (one chunk, no TP / PP, our attention layers)
+:func:`megatron_ext.decode_graph.static_reason` allows (one chunk, no TP / PP; both model families)
 those steps run on fixed buffers at a device-side position (:class:`~megatron_ext.decode_graph.DecodeStep`),
 and on GPUs (sync-free MoE dispatch, no EP) the step is captured as a CUDA graph once per batch and
 replayed: a decode step otherwise spends most of its time launching kernels from Python.
@@ -358,7 +358,9 @@ class Generator:
         for r in range(real):
             span = slice(int(lengths[r]), int(lengths[r] + produced[r]))
             out.append(Generation(tokens[r, span].tolist(), logprobs[r, span].tolist(), bool(finished[r])))
-        self.stats.per_batch.append({"rows": real, "steps": pos - start})
+        self.stats.per_batch.append({"rows": real, "steps": pos - start,
+                                     "decode": "graph" if step is not None and step.graph is not None
+                                     else "static" if step is not None else "eager"})
         return out
 
     def generate_sharded(self, prompts: Sequence[Sequence[int]], params: SamplingParams,

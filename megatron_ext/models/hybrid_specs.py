@@ -20,7 +20,7 @@ from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -36,6 +36,7 @@ from megatron_ext.models import mamba_torch
 from megatron_ext.models.norms import SequenceParallelTorchNorm
 from megatron_ext.models.recycle_routing import moe_module_spec
 from megatron_ext.models.sdpa_attention import FastSpecProvider
+from megatron_ext.models.static_decode_attention import StaticDecodeSelfAttention
 
 
 class MambaStackWithFinalNormSpec(MambaStack):
@@ -67,7 +68,7 @@ class _NoMoEConfigured:
 def _attention(config: TransformerConfig, backend: FastSpecProvider) -> ModuleSpec:
     qk_norm = SequenceParallelTorchNorm if config.qk_layernorm else IdentityOp
     return ModuleSpec(
-        module=SelfAttention,
+        module=StaticDecodeSelfAttention,   # SelfAttention + a CUDA-graph-capturable decode step
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=backend.column_parallel_linear(),
