@@ -79,6 +79,7 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         else:
             result["greedy_static"] = run(static, greedy)
             result["sampled_static"] = run(static, sampled, seed=5)
+            result["static_decode_kinds"] = sorted({b["decode"] for b in static.stats.per_batch})
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(result))
     dist.barrier()

@@ -95,6 +95,7 @@ def test_static_decode_step_generates_what_the_cache_does(runs, model):
     ref = runs[model, "single"]
     assert "static_refused" not in ref, ref.get("static_refused")
     assert ref["static_by_default"] is False          # CPU: no graph to capture, the regular steps
+    assert ref["static_decode_kinds"] == ["static"]   # every batch ran the fixed-buffer step (eagerly)
     for key in ("greedy", "sampled"):
         static, cached = ref[f"{key}_static"], ref[f"{key}_cached" if key == "greedy" else key]
         assert static["tokens"] == cached["tokens"], key
