@@ -50,6 +50,22 @@ class StaticDecodeContext(StaticInferenceContext):
         self.decode_position.fill_(position)
         torch.gt(self._slots, self.decode_position, out=self.decode_key_mask.view(-1))
 
+    def write_kv(self, k_mem: torch.Tensor, v_mem: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one step's K/V ([1, b, ...]) into a layer's cache ([max_len, max_batch, ...]) at the
+        position; returns the whole cache of these rows (attend to it under ``decode_key_mask``)."""
+        if key.size(0) != 1:
+            raise RuntimeError(f"a static decode step feeds one token per sequence, got {key.size(0)}")
+        rows = slice(self.batch_size_offset, self.batch_size_offset + key.size(1))
+        k_all, v_all = k_mem[:, rows], v_mem[:, rows]
+        k_all.index_copy_(0, self.decode_position, key)
+        v_all.index_copy_(0, self.decode_position, value)
+        return k_all, v_all
+
+    def rope_rows(self, table: torch.Tensor | None) -> torch.Tensor | None:
+        """The step's rows of a RoPE table indexed by position ([max_len, ...])."""
+        return None if table is None else table.index_select(0, self.decode_position)
+
 
 def static_reason(chunks) -> str | None:
     """Why the static decode step cannot run this model, or None."""

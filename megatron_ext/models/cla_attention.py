@@ -442,12 +442,8 @@ class _CLAForward:
                 f"inference_context holds max_sequence_length={k_mem.size(0)}, max_batch_size="
                 f"{k_mem.size(1)}; this step needs {end} positions and {b1} sequences: enlarge them"
             )
-        position = getattr(ctx, "decode_position", None)
-        if position is not None:   # static decode: a device-side position, the whole buffer back
-            k_all, v_all = k_mem[:, b0:b1], v_mem[:, b0:b1]
-            k_all.index_copy_(0, position, key)
-            v_all.index_copy_(0, position, value)
-            return k_all, v_all
+        if getattr(ctx, "decode_position", None) is not None:   # static decode: the whole buffer back
+            return ctx.write_kv(k_mem, v_mem, key, value)
         k_mem[start:end, b0:b1] = key
         v_mem[start:end, b0:b1] = value
         return k_mem[:end, b0:b1], v_mem[:end, b0:b1]
@@ -488,10 +484,7 @@ class _CLAForward:
         # static decode (megatron_ext.decode_graph): one token at a position held on the device
         position = getattr(ctx, "decode_position", None) if ctx is not None else None
         if position is not None:
-            if sq != 1:
-                raise RuntimeError(f"a static decode step feeds one token per sequence, got {sq}")
-            q_pos = None if q_pos is None else q_pos.index_select(0, position)
-            k_pos = None if k_pos is None else k_pos.index_select(0, position)
+            q_pos, k_pos = ctx.rope_rows(q_pos), ctx.rope_rows(k_pos)
         elif ctx is not None:
             # The context's RoPE table spans max_sequence_length; take this step's positions.
             q_pos = None if q_pos is None else q_pos[start:start + sq]

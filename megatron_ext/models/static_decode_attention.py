@@ -40,19 +40,13 @@ class StaticDecodeSelfAttention(SelfAttention):
                                         rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                                         sequence_len_offset=None, *, inference_params=None):
         ctx = deprecate_inference_params(inference_context, inference_params)
-        position = _decode_position(ctx)
-        if position is None or self.layer_number not in ctx.key_value_memory_dict:
+        if _decode_position(ctx) is None or self.layer_number not in ctx.key_value_memory_dict:
             return super()._adjust_key_value_for_inference(
                 ctx, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
                 sequence_len_offset)
-        if key.size(0) != 1:
-            raise RuntimeError(f"a static decode step feeds one token per sequence, got {key.size(0)}")
         k_mem, v_mem = ctx.key_value_memory_dict[self.layer_number]
-        b0 = ctx.batch_size_offset
-        k_all, v_all = k_mem[:, b0:b0 + key.size(1)], v_mem[:, b0:b0 + key.size(1)]
-        k_all.index_copy_(0, position, key)
-        v_all.index_copy_(0, position, value)
-        if rotary_pos_emb is not None:
+        k_all, v_all = ctx.write_kv(k_mem, v_mem, key, value)
+        if rotary_pos_emb is not None:   # K is cached before RoPE: rotate the whole cache
             q_pos_emb, k_pos_emb = rotary_pos_emb
-            rotary_pos_emb = (q_pos_emb.index_select(0, position), k_pos_emb[:k_mem.size(0)])
+            rotary_pos_emb = (ctx.rope_rows(q_pos_emb), k_pos_emb[:k_mem.size(0)])
         return query, k_all, v_all, rotary_pos_emb, AttnMaskType.arbitrary, None
