@@ -11,7 +11,8 @@ weights and the distributed optimizer, and runs our Trainer on random tokens: 2 
 ``--steps`` timed steps, each accumulating micro-batches to at least 128K tokens per GPU's worth of
 work. ``--plain`` builds what megatron-core gives without Transformer Engine / apex (local
 DotProductAttention, SequentialMLP experts, the foreach torch Adam) for the ratio; ``--with-plain``
-runs both (each configuration runs in a process of its own) and writes the ratio into our path's JSON. Writes JSON with the command, commit, device, step time, tokens/s, model TFLOP/s
+runs both (each configuration runs in a process of its own) and writes the ratio into our path's
+JSON. Writes JSON with the command, commit, device, step time, tokens/s, model TFLOP/s
 (:func:`flops_per_token`), MFU against a bf16 matmul peak measured in the same run, and peak memory to
 benchmarks/results/ (rank 0 writes it).
 

@@ -77,7 +77,7 @@ def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, 
         bf16=not cpu,
         use_cpu_initialization=True,
         # wgrad GEMMs accumulate into the fp32 main_grad on GPUs (apex's kernel, or torch's stand-in)
-        gradient_accumulation_fusion=not cpu and grad_accumulation_fusion.use_gradient_accumulation_fusion(),
+        gradient_accumulation_fusion=grad_accumulation_fusion.use_gradient_accumulation_fusion(),
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,

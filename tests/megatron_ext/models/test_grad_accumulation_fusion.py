@@ -32,7 +32,10 @@ def test_install_binds_the_stand_in_where_megatron_core_looks_and_keeps_apex(mon
     from megatron_ext.models import grad_accumulation_fusion
 
     monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)
-    monkeypatch.delitem(sys.modules, "fused_weight_gradient_mlp_cuda", raising=False)
+    # what install() binds is undone afterwards too (setitem / setattr record "absent" for the undo)
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", None)
+    monkeypatch.delitem(sys.modules, "fused_weight_gradient_mlp_cuda")
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", None, raising=False)
     assert grad_accumulation_fusion.install() is True
     assert layers.fused_weight_gradient_mlp_cuda is grad_accumulation_fusion.ops
     apex = types.SimpleNamespace()
