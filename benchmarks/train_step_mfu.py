@@ -3,7 +3,7 @@
     python benchmarks/train_step_mfu.py --shape {dense,moe,hybrid} [--plain] [--steps 5] [--profile]
     python benchmarks/train_step_mfu.py --shape moe --with-plain     # both paths, the ratio in one JSON
     python benchmarks/train_step_mfu.py --shape dense --recompute {selective,full}
-    torchrun --nproc-per-node 2 benchmarks/train_step_mfu.py --shape dense --tp 2
+    torchrun --nproc-per-node 2 benchmarks/train_step_mfu.py --shape dense --tp 2 [--no-tp-comm-overlap]
     torchrun --nproc-per-node 2 benchmarks/train_step_mfu.py --shape moe --ep 2
 
 Builds the shape from our model presets (``SHAPES``: issue 10's baseline shapes), bf16 with fp32 main
@@ -25,7 +25,8 @@ one-GPU run's: the global batch is W x the one-GPU batch, so each data-parallel 
 run's number of micro-batches, and a tensor-parallel group (which shares its micro-batches and splits
 their FLOPs TP ways) gets micro-batches TP x larger. EP2 on 2 GPUs is data parallel 2 for attention and
 the shared expert, each rank holding half the routed experts; TP2 is data parallel 1 with sequence
-parallelism. Per-GPU tokens/s and model TFLOP/s are the global figures / W, and the ratio against the
+parallelism, its collectives overlapped with the GEMMs (:mod:`megatron_ext.models.tp_comm_overlap`;
+``--no-tp-comm-overlap``: megatron-core's local layers, tag ``_sync``). Per-GPU tokens/s and model TFLOP/s are the global figures / W, and the ratio against the
 one-GPU JSON of the same shape (when ``benchmarks/results`` has one) is issue 10's 2-GPU efficiency.
 """
 
@@ -320,12 +321,12 @@ def run_layout(shape: str, recompute: str = "none", tp: int = 1, ep: int = 1,
 
 
 def result_tag(shape: str, plain: bool = False, recompute: str = "none", tp: int = 1, ep: int = 1,
-               micro_batch: int | None = None) -> str:
+               micro_batch: int | None = None, sync_tp: bool = False) -> str:
     """``train_step_<tag>_<device>.json``: e.g. ``moe``, ``dense_plain``, ``dense_full``, ``moe_ep2``,
-    ``moe_mb2`` (a micro-batch other than the shape's)."""
+    ``moe_mb2`` (a micro-batch other than the shape's), ``dense_tp2_sync`` (no TP comm overlap)."""
     mb = f"_mb{micro_batch}" if micro_batch and micro_batch != SHAPES[shape][1] else ""
     return (f"{shape}{'_plain' if plain else ''}{'' if recompute == 'none' else '_' + recompute}"
-            f"{f'_tp{tp}' if tp > 1 else ''}{f'_ep{ep}' if ep > 1 else ''}{mb}")
+            f"{f'_tp{tp}' if tp > 1 else ''}{f'_ep{ep}' if ep > 1 else ''}{mb}{'_sync' if sync_tp else ''}")
 
 
 def single_gpu_reference(path: Path, per_gpu_tflops: float) -> dict[str, Any] | None:
@@ -348,16 +349,18 @@ def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
 
 def use_plain_megatron_core() -> None:
     """What megatron-core 0.16.1 runs without TE / apex / grouped_gemm: its local attention,
-    SequentialMLP experts, the foreach Adam and no gradient-accumulation fusion."""
+    SequentialMLP experts, the foreach Adam, no gradient-accumulation fusion, synchronous
+    sequence-parallel collectives."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_ext import optim
-    from megatron_ext.models import grad_accumulation_fusion, recycle_routing, sdpa_attention
+    from megatron_ext.models import grad_accumulation_fusion, recycle_routing, sdpa_attention, tp_comm_overlap
 
     sdpa_attention.core_attention_for = lambda config: DotProductAttention
     recycle_routing.use_grouped_gemm = lambda config: False
     optim.use_fused_adam = lambda optimizer: 0
     grad_accumulation_fusion.use_gradient_accumulation_fusion = lambda: False
+    tp_comm_overlap.wanted = lambda setting, sequence_parallel: False
 
 
 def model_params(chunks, tp: int, ep: int) -> int:
@@ -422,6 +425,8 @@ def main() -> None:
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE shapes)")
     parser.add_argument("--micro-batch", type=int, default=None,
                         help="one GPU's micro-batch (default: the shape's; 128K tokens a step either way)")
+    parser.add_argument("--no-tp-comm-overlap", action="store_true",
+                        help="--tp: megatron-core's synchronous sequence-parallel collectives (tag _sync)")
     parser.add_argument("--with-plain", action="store_true",
                         help="one GPU: also run plain megatron-core (own process) and record the ratio")
     args = parser.parse_args()
@@ -446,6 +451,8 @@ def main() -> None:
     if args.plain:
         use_plain_megatron_core()
     overrides, mbs, gbs = run_layout(args.shape, args.recompute, args.tp, args.ep, world, args.micro_batch)
+    if args.no_tp_comm_overlap:
+        overrides.append("parallel.tp_comm_overlap=false")
     cfg = load_config(overrides)
     env = distributed.initialize(cfg.parallel, seed=0)
     peak = matmul_peak_tflops()   # every rank on its own GPU, before the model takes memory
@@ -475,13 +482,14 @@ def main() -> None:
     peaks, memories, rank_params = per_rank(peak), per_rank(peak_memory), per_rank(float(n_params))
     if env.is_main:
         per_gpu_tflops = model_tflops / world
-        tag = result_tag(args.shape, args.plain, args.recompute, args.tp, args.ep, args.micro_batch)
+        tag = result_tag(args.shape, args.plain, args.recompute, args.tp, args.ep, args.micro_batch,
+                         args.no_tp_comm_overlap and args.tp > 1)
         result = {
             **gpu_record(),
             "shape": args.shape, "path": "plain megatron-core" if args.plain else "turbolaser fast path",
             "recompute": args.recompute,
             "world_size": world, "tensor_parallel": args.tp, "expert_parallel": args.ep, "data_parallel": env.dp,
-            "sequence_parallel": bool(config.sequence_parallel),
+            "sequence_parallel": bool(config.sequence_parallel), "tp_comm_overlap": bool(config.tp_comm_overlap),
             "params": model_params(chunks, args.tp, args.ep),
             "params_per_rank": [int(p) for p in rank_params],
             "layer_counts": layer_counts(cfg.model),

@@ -64,6 +64,9 @@ def validate_parallel(model: Mapping, parallel: Mapping) -> dict[str, int]:
         if model.get("family") != "hunyuan_moe":
             raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size: not supported for "
                               f"model.family={model.get('family')!r}; set it to null")
+    from megatron_ext.models import tp_comm_overlap
+
+    tp_comm_overlap.wanted(parallel.get("tp_comm_overlap"), tp > 1 and bool(parallel.get("sequence_parallel")))
     world = nproc * nnodes
     if world % (tp * pp):
         raise ConfigError(

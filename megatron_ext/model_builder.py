@@ -16,7 +16,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import cpu_backend
 from megatron_ext.errors import ConfigError
-from megatron_ext.models import grad_accumulation_fusion, hunyuan_moe, moe_dispatch, turbos_hybrid
+from megatron_ext.models import grad_accumulation_fusion, hunyuan_moe, moe_dispatch, tp_comm_overlap, turbos_hybrid
 
 FAMILIES = {"hunyuan_moe": hunyuan_moe, "turbos_hybrid": turbos_hybrid}
 
@@ -63,13 +63,16 @@ def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, 
     tp = int(parallel_cfg["tensor_model_parallel_size"])
     pp = int(parallel_cfg["pipeline_model_parallel_size"])
     cpu = cpu_backend.is_enabled()
+    sequence_parallel = bool(parallel_cfg.get("sequence_parallel") or False) and tp > 1
     fields.update(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=parallel_cfg.get("virtual_pipeline_model_parallel_size"),
         pipeline_dtype=(torch.float32 if cpu else torch.bfloat16) if pp > 1 else None,
         expert_model_parallel_size=int(parallel_cfg["expert_model_parallel_size"]),
-        sequence_parallel=bool(parallel_cfg.get("sequence_parallel") or False) and tp > 1,
+        sequence_parallel=sequence_parallel,
+        # sequence-parallel all-gathers / reduce-scatters behind the GEMMs (GPU runs unless set)
+        tp_comm_overlap=tp_comm_overlap.wanted(parallel_cfg.get("tp_comm_overlap"), sequence_parallel),
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,

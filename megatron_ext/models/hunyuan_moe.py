@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -36,6 +35,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_ext.models.cla_attention import cla_attention_specs
 from megatron_ext.models.norms import SequenceParallelTorchNorm
 from megatron_ext.models.recycle_routing import moe_module_spec
+from megatron_ext.models.sdpa_attention import FastSpecProvider
 
 # Keys of a model preset read here (not TransformerConfig fields).
 MODEL_KEYS = ("cla_share_factor", "qk_norm_after_rope", "moe_routing_mode")
@@ -52,8 +52,8 @@ class HunyuanOptions:
         return cls(**{k: model_cfg[k] for k in MODEL_KEYS if model_cfg.get(k) is not None})
 
 
-def dense_mlp_spec() -> ModuleSpec:
-    backend = LocalSpecProvider()
+def dense_mlp_spec(config: TransformerConfig) -> ModuleSpec:
+    backend = FastSpecProvider(config)
     return ModuleSpec(module=MLP, submodules=MLPSubmodules(
         linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()))
 
@@ -79,7 +79,7 @@ def block_spec(config: TransformerConfig, options: HunyuanOptions = HunyuanOptio
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     share = options.cla_share_factor
     producer, consumer = cla_attention_specs(config, share, options.qk_norm_after_rope)
-    mlp = moe_module_spec(config, options.moe_routing_mode) if config.num_moe_experts else dense_mlp_spec()
+    mlp = moe_module_spec(config, options.moe_routing_mode) if config.num_moe_experts else dense_mlp_spec(config)
     return TransformerBlockSubmodules(
         layer_specs=[layer_spec(producer if i % share == 0 else consumer, mlp) for i in range(num_layers)],
         layer_norm=SequenceParallelTorchNorm,

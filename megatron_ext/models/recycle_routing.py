@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel.random import (
     get_cuda_rng_tracker,
@@ -41,6 +40,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.grouped_experts import use_grouped_gemm
+from megatron_ext.models.sdpa_attention import FastSpecProvider
 
 RoutingMode = Literal["dropless", "drop", "recycle"]
 ROUTING_MODES: tuple[str, ...] = ("dropless", "drop", "recycle")
@@ -261,15 +261,15 @@ def router_builder(routing_mode: RoutingMode):
 
 
 def moe_module_spec(config: TransformerConfig, routing_mode: RoutingMode = "dropless") -> ModuleSpec:
-    """megatron-core's local MoE spec (SharedExpertMLP; SequentialMLP experts, or GroupedMLP where
+    """megatron-core's local MoE spec (SharedExpertMLP on :class:`FastSpecProvider`'s linears; SequentialMLP experts, or GroupedMLP where
     :func:`~megatron_ext.models.grouped_experts.use_grouped_gemm` picks it) with :class:`RecycleRouter`.
     Built models get the sync-free dispatcher from :func:`megatron_ext.models.moe_dispatch.install`.
 
     Use in a layer spec in place of ``get_moe_module_spec_for_backend(LocalSpecProvider(), ...)``.
     """
     check_routing_config(config, routing_mode)
-    spec = get_moe_module_spec_for_backend(
-        LocalSpecProvider(), num_experts=config.num_moe_experts, moe_grouped_gemm=use_grouped_gemm(config)
+    spec = get_moe_module_spec_for_backend(   # the shared expert's linears as the dense layers'
+        FastSpecProvider(config), num_experts=config.num_moe_experts, moe_grouped_gemm=use_grouped_gemm(config)
     )
     spec.submodules.router = router_builder(routing_mode)
     return spec

@@ -31,6 +31,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 from torch import Tensor
 
+from megatron_ext.models import tp_comm_overlap
+
 
 class SDPAAttention(MegatronModule):
     """``DotProductAttention``'s contract on torch SDPA: [sq, b, np, hn] queries, [sk, b, ng, hn] keys /
@@ -102,11 +104,19 @@ def core_attention_for(config: TransformerConfig) -> type:
 
 
 class FastSpecProvider(LocalSpecProvider):
-    """megatron-core's local modules, with the core attention :func:`core_attention_for` chooses."""
+    """megatron-core's local modules, with the core attention :func:`core_attention_for` chooses and,
+    under ``config.tp_comm_overlap``, linear layers that overlap the sequence-parallel collectives."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self._core_attention = core_attention_for(config)
+        self._column_linear, self._row_linear = tp_comm_overlap.linear_classes(config)
 
     def core_attention(self) -> type:
         return self._core_attention
+
+    def column_parallel_linear(self) -> type:
+        return self._column_linear
+
+    def row_parallel_linear(self) -> type:
+        return self._row_linear

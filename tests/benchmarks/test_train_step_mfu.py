@@ -246,6 +246,7 @@ def test_result_tags_and_reference(tmp_path):
     assert mfu.result_tag("hybrid") == "hybrid"
     assert mfu.result_tag("moe", micro_batch=2) == "moe_mb2"
     assert mfu.result_tag("dense", micro_batch=2) == "dense"     # the shape's own micro-batch
+    assert mfu.result_tag("dense", tp=2, micro_batch=4, sync_tp=True) == "dense_tp2_mb4_sync"
     assert mfu.single_gpu_reference(tmp_path / "missing.json", 100.0) is None
     ref = tmp_path / "train_step_moe_h200.json"
     ref.write_text(json.dumps({"commit": "abc", "step_s": 2.0, "model_tflops": 200.0}))

@@ -49,6 +49,13 @@ def test_expert_parallel_needs_data_parallel_room():
           "parallel.expert_model_parallel_size=2", "data-parallel size 1")
 
 
+def test_tp_comm_overlap_needs_sequence_parallelism():
+    check(["parallel.tp_comm_overlap=true"], "parallel.tp_comm_overlap=true", "sequence_parallel=true")
+    check(["parallel=tp2", "parallel.tp_comm_overlap=true", "parallel.sequence_parallel=false"],
+          "parallel.sequence_parallel=true")
+    validate(load_config(["parallel=tp2", "parallel.tp_comm_overlap=true"]))
+
+
 def test_unknown_stage_in_order():
     check(["pipeline.order=[pretrain,distill]"], "unknown stage 'distill'")
 

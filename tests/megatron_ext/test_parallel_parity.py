@@ -22,10 +22,15 @@ FAMILIES = {
     "tiny_large_no_cla": ["model=tiny_large", *DROPLESS, "model.cla_share_factor=1"],
 }
 LAYOUTS = {  # layout -> processes
-    "tp2": 2, "ep2": 2, "dp2": 2, "pp2": 2, "tp2_ep2": 4, "pp2_dp2": 4, "pp2_vpp2": 2,
+    "tp2": 2, "ep2": 2, "dp2": 2, "pp2": 2, "tp2_ep2": 4, "pp2_dp2": 4, "pp2_vpp2": 2, "tp2_overlap": 2,
+}
+# layouts that are a parallel preset plus overrides (the rest are parallel=<layout>)
+LAYOUT_OVERRIDES = {
+    # the GPU path's overlapped sequence-parallel linears (megatron_ext.models.tp_comm_overlap), forced on
+    "tp2_overlap": ["parallel=tp2", "parallel.tp_comm_overlap=true"],
 }
 CASES = ([("tiny_large", layout) for layout in LAYOUTS if layout != "pp2_vpp2"]
-         + [("tiny_turbos", layout) for layout in ("tp2", "pp2", "dp2")]
+         + [("tiny_turbos", layout) for layout in ("tp2", "pp2", "dp2", "tp2_overlap")]
          + [("tiny_large_no_cla", "pp2_vpp2")])
 
 
@@ -43,8 +48,8 @@ def runs(tmp_path_factory, torchrun_module):
             if fam != family:
                 continue
             out = str(root / f"{layout}.json")
-            torchrun_module(WORKER, out, root / "init", "from_checkpoint", f"parallel={layout}", *overrides,
-                            nproc=LAYOUTS[layout])
+            torchrun_module(WORKER, out, root / "init", "from_checkpoint",
+                            *LAYOUT_OVERRIDES.get(layout, [f"parallel={layout}"]), *overrides, nproc=LAYOUTS[layout])
             results[family, layout] = json.loads(open(out).read())
             outs[layout] = out + ".weights"
         cmp_out = str(root / "compare.json")
@@ -59,6 +64,8 @@ def runs(tmp_path_factory, torchrun_module):
 @pytest.mark.parametrize("family, layout", CASES)
 def test_layout_matches_single_process(runs, family, layout):
     ref, got = runs[family, "reference"], runs[family, layout]
+    overlapped = {"OverlappedColumnParallelLinear", "OverlappedRowParallelLinear"}
+    assert (overlapped <= set(got["linear_classes"])) == (layout == "tp2_overlap"), got["linear_classes"]
     assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
     assert got["train_losses"] == pytest.approx(ref["train_losses"], abs=1e-5)
     assert got["eval_loss_after"] == pytest.approx(ref["eval_loss_after"], abs=1e-5)

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from launch.config import load_config
 from megatron_ext import checkpointing, distributed, model_builder, optim
@@ -105,6 +106,8 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
         result["recompute"] = [model_config.recompute_granularity, model_config.recompute_method]
         result["eval_loss_after"] = trainer.evaluate()
         result["fused_wgrad_calls"] = len(fused_calls)
+        result["linear_classes"] = sorted({type(m).__name__ for chunk in trainer.chunks for m in chunk.modules()
+                                           if isinstance(m, (ColumnParallelLinear, RowParallelLinear))})
         checkpointing.save(Path(out + ".weights"), 2, trainer.chunks)
     elif mode == "compare":
         def resolve(path: Path) -> Path:  # a checkpoint folder, or a root whose latest is meant

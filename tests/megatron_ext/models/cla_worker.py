@@ -75,7 +75,7 @@ def build_plain(config):
                                core_attention=backend.core_attention(),
                                linear_proj=backend.row_parallel_linear(),
                                q_layernorm=norm, k_layernorm=norm))
-    layer = hunyuan_moe.layer_spec(attention, hunyuan_moe.dense_mlp_spec())
+    layer = hunyuan_moe.layer_spec(attention, hunyuan_moe.dense_mlp_spec(config))
     return build_gpt(config, TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers,
                                                         layer_norm=SequenceParallelTorchNorm))
 
