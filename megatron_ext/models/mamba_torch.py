@@ -116,6 +116,27 @@ def _causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return out
 
 
+def _causal_shift_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         activation: str | None) -> torch.Tensor:
+    """:func:`_causal_depthwise_conv1d` on x (b, l, d) as ``width`` shifted multiply-adds.
+
+    What ``_split_conv1d_scan`` runs under ``torch.compile``: inductor fuses the shifts, the bias and the
+    SiLU with the split of ``zxbcdt`` into one elementwise kernel (fp32 inside, as cuDNN accumulates)
+    and its backward into a few reductions, where ``F.conv1d`` stays cuDNN's depthwise kernel, a memory-
+    bound op run far from the memory bandwidth: 130 ms of an H200 hybrid step (benchmarks/README.md).
+    """
+    width, seqlen = weight.shape[-1], x.shape[1]
+    padded = F.pad(x, (0, 0, width - 1, 0))
+    out = sum(padded[:, k:k + seqlen] * weight[:, k] for k in range(width))
+    if bias is not None:
+        out = out + bias
+    if activation in ("silu", "swish"):
+        return F.silu(out)
+    if activation is not None:
+        raise ValueError(f"activation={activation!r}: causal conv1d supports silu/swish or None")
+    return out
+
+
 def _split_conv1d_scan(
     zxbcdt: torch.Tensor,
     conv1d_weight: torch.Tensor,
@@ -164,7 +185,10 @@ def _split_conv1d_scan(
     dstate = (width - 2 * dim - nheads) // (2 * ngroups)
     assert width == 2 * dim + 2 * ngroups * dstate + nheads, f"zxbcdt width {width} does not split"
     z, xbc, dt = torch.split(zxbcdt, [dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
-    xbc = _causal_depthwise_conv1d(xbc.transpose(1, 2), conv1d_weight, conv1d_bias, activation).transpose(1, 2)
+    if torch.compiler.is_compiling():   # fused by inductor; eager (CPU) keeps F.conv1d and its numbers
+        xbc = _causal_shift_conv1d(xbc, conv1d_weight, conv1d_bias, activation)
+    else:
+        xbc = _causal_depthwise_conv1d(xbc.transpose(1, 2), conv1d_weight, conv1d_bias, activation).transpose(1, 2)
     x, B, C = torch.split(xbc, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
     out = chunk_scan(
         x.reshape(batch, seqlen, nheads, headdim),

@@ -72,7 +72,7 @@ def test_gpu_tensors_compile_unless_forced_eager_or_cpu_backend(monkeypatch):
 
 
 def test_compiled_split_conv_scan_matches_eager_with_gradients_over_lengths(monkeypatch):
-    """Forward and every input gradient agree; a second length (not a multiple of the chunk) compiles
+    """Forward and every input gradient agree (compiled: the shifted conv; eager: ``F.conv1d``); a second length (not a multiple of the chunk) compiles
     one more graph, with symbolic sizes, which a repeat reuses.
 
     Captured whole (``fullgraph``) with AOTAutograd's backward, as on a GPU, but run by the ``aot_eager``
@@ -92,6 +92,30 @@ def test_compiled_split_conv_scan_matches_eager_with_gradients_over_lengths(monk
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-4, msg=name)
     assert mamba_torch._split_conv1d_scan in mamba_torch._COMPILED
     assert counts["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("activation, bias", [("silu", True), (None, False)])
+def test_shift_conv_is_the_causal_depthwise_conv(activation, bias):
+    """The compiled path's conv (shifted multiply-adds on (b, l, d)) against ``F.conv1d``, in float64:
+    output and the input, weight and bias gradients."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    upstream = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
+    results = []
+    for conv in ("shift", "conv1d"):
+        if conv == "shift":
+            out = mamba_torch._causal_shift_conv1d(x, w, b, activation)
+        else:
+            out = mamba_torch._causal_depthwise_conv1d(x.transpose(1, 2), w, b, activation).transpose(1, 2)
+        leaves = [x, w] + ([b] if bias else [])
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, upstream)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # causal: the first output row sees only the first input row
+    torch.testing.assert_close(mamba_torch._causal_shift_conv1d(x[:, :1], w, b, activation),
+                               mamba_torch._causal_shift_conv1d(x, w, b, activation)[:, :1], rtol=1e-12, atol=1e-12)
 
 
 def test_compiled_chunk_scan_matches_eager_with_final_state(monkeypatch):
