@@ -9,7 +9,8 @@ weights of an fp32 SequentialMLP layer, the reference (GroupedMLP gets them thro
 as a CPU-trained model would reach a GPU run). Records each bf16 layer's largest output and
 input-gradient error against the reference (grouped must be no worse than sequential), then the median
 forward + backward time of each over 20 runs after 5 warm-up runs. Writes
-benchmarks/results/grouped_experts_<device>.json.
+benchmarks/results/grouped_experts_<device>.json (``grouped_experts_top<k>_<device>.json`` for ``--topk``
+other than 1; the hybrid shape's MoE layers: ``--topk 2 --ffn 1408``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def main() -> None:
     for name, grouped in (("sequential_mlp", False), ("grouped_mlp", True)):
         layer = build(args, grouped, torch.bfloat16)
         layer.load_state_dict(fp32[grouped].state_dict())       # same weights, cast to bf16
-        result[name] = {"module": type(layer.experts).__name__}
+        result[name] = {"module": type(layer.experts).__name__, "dispatcher": type(layer.token_dispatcher).__name__}
         out, in_grad = run(layer, x.bfloat16(), grad.bfloat16())
         result[name].update({
             "max_abs_err_out": float((out - ref_out).abs().max()),
@@ -105,7 +106,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     result["output_scale"] = float(ref_out.abs().max())
     result["speedup"] = result["sequential_mlp"]["fwd_bwd_ms"] / result["grouped_mlp"]["fwd_bwd_ms"]
-    write_result(gpu_result_path("grouped_experts"), result)
+    write_result(gpu_result_path(f"grouped_experts{'' if args.topk == 1 else f'_top{args.topk}'}"), result)
     print(result)
     distributed.destroy()
 
