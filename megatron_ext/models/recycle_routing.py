@@ -261,8 +261,9 @@ def router_builder(routing_mode: RoutingMode):
 
 
 def moe_module_spec(config: TransformerConfig, routing_mode: RoutingMode = "dropless") -> ModuleSpec:
-    """megatron-core's local MoE spec (SharedExpertMLP on :class:`FastSpecProvider`'s linears; SequentialMLP experts, or GroupedMLP where
-    :func:`~megatron_ext.models.grouped_experts.use_grouped_gemm` picks it) with :class:`RecycleRouter`.
+    """megatron-core's local MoE spec (SharedExpertMLP on :class:`FastSpecProvider`'s linears;
+    SequentialMLP experts, or GroupedMLP where :func:`~megatron_ext.models.grouped_experts.use_grouped_gemm`
+    picks it) with :class:`RecycleRouter`.
     Built models get the sync-free dispatcher from :func:`megatron_ext.models.moe_dispatch.install`.
 
     Use in a layer spec in place of ``get_moe_module_spec_for_backend(LocalSpecProvider(), ...)``.

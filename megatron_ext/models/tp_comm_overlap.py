@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core.parallel_state import get_global_memory_buffer
 from megatron.core.tensor_parallel import layers
 from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, LinearWithGradAccumulationAndAsyncCommunication,
                                                   RowParallelLinear, custom_bwd, custom_fwd)
 from megatron.core.transformer import TransformerConfig
-from megatron.core.parallel_state import get_global_memory_buffer
 
 from megatron_ext.errors import ConfigError
 
