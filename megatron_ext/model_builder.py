@@ -82,6 +82,9 @@ def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, 
         # wgrad GEMMs accumulate into the fp32 main_grad on GPUs (apex's kernel, or torch's stand-in)
         gradient_accumulation_fusion=grad_accumulation_fusion.use_gradient_accumulation_fusion(),
         bias_dropout_fusion=False,
+        # SwiGLU as one compiled kernel forward and backward on GPUs (Megatron-LM's --swiglu default;
+        # benchmarks/swiglu_fusion.py); the CPU path keeps the unfused ops (no compiler needed)
+        bias_activation_fusion=not cpu,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
