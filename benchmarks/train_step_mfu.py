@@ -350,7 +350,7 @@ def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
 def use_plain_megatron_core() -> None:
     """What megatron-core 0.16.1 runs without TE / apex / grouped_gemm: its local attention,
     SequentialMLP experts, the foreach Adam, no gradient-accumulation fusion, synchronous
-    sequence-parallel collectives."""
+    sequence-parallel collectives (and, set in main, unfused SwiGLU)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_ext import optim
@@ -457,6 +457,8 @@ def main() -> None:
     env = distributed.initialize(cfg.parallel, seed=0)
     peak = matmul_peak_tflops()   # every rank on its own GPU, before the model takes memory
     config = model_builder.transformer_config(cfg.model, cfg.parallel)
+    if args.plain:   # TransformerConfig's default: unfused SwiGLU, as the recorded plain baselines ran
+        config.bias_activation_fusion = False
     chunks = model_builder.build_model(cfg.model, config, VOCAB)
     ddp = optim.wrap_ddp(chunks, config, True)
     train = cfg.stages.pretrain.train
