@@ -350,10 +350,10 @@ def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
 def use_plain_megatron_core() -> None:
     """What megatron-core 0.16.1 runs without TE / apex / grouped_gemm: its local attention,
     SequentialMLP experts, the foreach Adam, no gradient-accumulation fusion, synchronous
-    sequence-parallel collectives (and, set in main, unfused SwiGLU)."""
+    sequence-parallel collectives and unfused SwiGLU (TransformerConfig's default)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megatron_ext import optim
+    from megatron_ext import model_builder, optim
     from megatron_ext.models import grad_accumulation_fusion, recycle_routing, sdpa_attention, tp_comm_overlap
 
     sdpa_attention.core_attention_for = lambda config: DotProductAttention
@@ -361,6 +361,14 @@ def use_plain_megatron_core() -> None:
     optim.use_fused_adam = lambda optimizer: 0
     grad_accumulation_fusion.use_gradient_accumulation_fusion = lambda: False
     tp_comm_overlap.wanted = lambda setting, sequence_parallel: False
+    build_config = model_builder.transformer_config
+
+    def unfused_swiglu_config(model_cfg, parallel_cfg):
+        config = build_config(model_cfg, parallel_cfg)
+        config.bias_activation_fusion = False
+        return config
+
+    model_builder.transformer_config = unfused_swiglu_config
 
 
 def model_params(chunks, tp: int, ep: int) -> int:
@@ -457,8 +465,6 @@ def main() -> None:
     env = distributed.initialize(cfg.parallel, seed=0)
     peak = matmul_peak_tflops()   # every rank on its own GPU, before the model takes memory
     config = model_builder.transformer_config(cfg.model, cfg.parallel)
-    if args.plain:   # TransformerConfig's default: unfused SwiGLU, as the recorded plain baselines ran
-        config.bias_activation_fusion = False
     chunks = model_builder.build_model(cfg.model, config, VOCAB)
     ddp = optim.wrap_ddp(chunks, config, True)
     train = cfg.stages.pretrain.train

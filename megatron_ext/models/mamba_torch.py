@@ -109,9 +109,14 @@ def _causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     """``causal_conv1d_fn``: x (b, d, l), weight (d, w); left-padded so token t sees t-w+1..t only."""
     width = weight.shape[-1]
     out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    return _conv_activation(out, activation)
+
+
+def _conv_activation(out: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``causal_conv1d_fn``'s ``activation`` argument: SiLU (``silu`` / ``swish``) or none."""
     if activation in ("silu", "swish"):
-        out = F.silu(out)
-    elif activation is not None:
+        return F.silu(out)
+    if activation is not None:
         raise ValueError(f"activation={activation!r}: causal conv1d supports silu/swish or None")
     return out
 
@@ -130,11 +135,7 @@ def _causal_shift_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     out = sum(padded[:, k:k + seqlen] * weight[:, k] for k in range(width))
     if bias is not None:
         out = out + bias
-    if activation in ("silu", "swish"):
-        return F.silu(out)
-    if activation is not None:
-        raise ValueError(f"activation={activation!r}: causal conv1d supports silu/swish or None")
-    return out
+    return _conv_activation(out, activation)
 
 
 def _split_conv1d_scan(
