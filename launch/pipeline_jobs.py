@@ -9,8 +9,10 @@ task run them as commands on the nodes of an allocation::
 
 A stage job reads everything from the run folder (``pipeline.yaml``, the parent's manifest), so it
 can start on any node, any number of times: a finished stage is skipped, an unfinished one resumes
-from its latest checkpoint. On SLURM the command runs once per node (``srun --ntasks-per-node=1``)
-and each node starts its share of the ranks with torchrun's static rendezvous on the first node.
+from its latest checkpoint. Paths inside the run folder are stored relative to it
+(``megatron_ext.manifest.relative_in``), so a run folder can be moved or copied and go on where it
+is now. On SLURM the command runs once per node (``srun --ntasks-per-node=1``) and each node starts
+its share of the ranks with torchrun's static rendezvous on the first node.
 Exit codes: 0 done, 75 preempted (requeue to resume), 2 config error, 1 failure.
 """
 
@@ -60,11 +62,18 @@ def log(msg: str) -> None:
 
 # ---- the run folder ---------------------------------------------------------------------------------
 
+def stored_config(cfg: DictConfig) -> dict:
+    """The resolved config as the run folder keeps it (``pipeline.yaml``, each stage's ``config.yaml``):
+    ``run_dir`` is ``"."``, the folder itself, so the folder can move; whoever reads it sets ``run_dir``
+    to where the folder is now."""
+    return {**OmegaConf.to_container(cfg, resolve=True), "run_dir": "."}
+
+
 def write_pipeline(cfg: DictConfig) -> Path:
     """Create the run folder and record the resolved config every job of this run reads."""
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / PIPELINE_FILE, resolve=True)
+    OmegaConf.save(OmegaConf.create(stored_config(cfg)), run_dir / PIPELINE_FILE)
     return run_dir
 
 
@@ -73,7 +82,9 @@ def load_pipeline(run_dir: str | Path) -> DictConfig:
     if not path.exists():
         raise ConfigError(f"{path} does not exist: {run_dir} is not a run folder. Start the run with "
                           f"`python -m launch run_dir={run_dir} ...` (it writes {PIPELINE_FILE})")
-    return OmegaConf.load(path)
+    cfg = OmegaConf.load(path)
+    cfg.run_dir = str(Path(run_dir).resolve())   # where the folder is now, wherever it was written
+    return cfg
 
 
 def stage_index(cfg: DictConfig, name: str) -> int:
@@ -114,10 +125,11 @@ def _describe_changes(old: dict, new: dict, limit: int = 5) -> str:
 
 
 def parent_checkpoint(run_dir: Path, cfg: DictConfig, name: str) -> str | None:
-    """Where a stage starts: its ``init_from``, else the previous stage's final checkpoint (which must
-    be complete), else random init for the first stage."""
+    """Where a stage starts, as an absolute path: its ``init_from`` (relative to the working directory,
+    where validation found it), else the previous stage's final checkpoint (which must be complete),
+    else random init for the first stage."""
     if cfg.stages[name].get("init_from"):
-        return str(cfg.stages[name].init_from)
+        return os.path.abspath(str(cfg.stages[name].init_from))
     index = stage_index(cfg, name)
     if index == 0:
         return None
@@ -144,10 +156,10 @@ def plan_stage(run_dir: Path, cfg: DictConfig, name: str, write: bool = True) ->
     sdir = stage_dir(run_dir, stage_index(cfg, name), name)
     start_from = parent_checkpoint(run_dir, cfg, name)
     full = OmegaConf.to_container(cfg, resolve=True)
-    wanted = manifest.stage_identity(full, name, start_from)
+    wanted = manifest.stage_identity(full, name, start_from, run_dir)
     existing = manifest.read(sdir)
     if existing is not None:
-        recorded = manifest.stage_identity(existing["config"], name, existing["parent_checkpoint"])
+        recorded = manifest.recorded_identity(existing, name, run_dir)
         if recorded != wanted:
             state = "finished" if existing["status"] == manifest.COMPLETE else "started"
             raise ConfigError(
@@ -160,7 +172,8 @@ def plan_stage(run_dir: Path, cfg: DictConfig, name: str, write: bool = True) ->
     if not write:
         return StagePlan(name, sdir, start_from, None)
     sdir.mkdir(parents=True, exist_ok=True)
-    staged = OmegaConf.create({"stage_name": name, "parent_checkpoint": start_from, "config": full})
+    staged = OmegaConf.create({"stage_name": name, "parent_checkpoint": manifest.relative_in(start_from, run_dir),
+                               "config": stored_config(cfg)})
     tmp = sdir / f".config.yaml.{socket.gethostname()}.{os.getpid()}"
     OmegaConf.save(staged, tmp)   # every node of a job writes the same file: atomic replace
     os.replace(tmp, sdir / "config.yaml")

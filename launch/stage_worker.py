@@ -1,8 +1,9 @@
 """One rank of one stage: ``torchrun ... -m launch.stage_worker <stage_dir>``.
 
-Reads the resolved config the runner wrote to ``<stage_dir>/config.yaml``, starts the process
-groups, runs the stage, and (rank 0) keeps the manifest: an attempt entry at start (noting the step it
-resumes from), progress after every checkpoint, the result at the end.
+Reads the resolved config the runner wrote to ``<stage_dir>/config.yaml`` (paths inside the run
+folder, the stage folder's parent, relative to it), starts the process groups, runs the stage, and
+(rank 0) keeps the manifest: an attempt entry at start (noting the step it resumes from), progress
+after every checkpoint, the result at the end.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ def main(stage_dir: str) -> int:
     from megatron_ext.stage import StageContext
 
     stage_dir = Path(stage_dir).resolve()
+    run_dir = stage_dir.parent
     run_cfg = OmegaConf.load(stage_dir / "config.yaml")
     name = run_cfg.stage_name
-    parent = run_cfg.parent_checkpoint
+    parent = manifest.resolve_in(run_cfg.parent_checkpoint, run_dir)
     cfg = run_cfg.config
+    cfg.run_dir = str(run_dir)   # the run folder is where this stage folder is now
     env = distributed.initialize(cfg.parallel, int(cfg.seed))
     t0 = time.perf_counter()
 

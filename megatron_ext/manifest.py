@@ -3,12 +3,18 @@
 One format for every stage, so the runner can chain any of them. Fields:
 
 - ``stage``, ``kind``, ``status`` (``running`` | ``complete``)
-- ``parent_checkpoint``: what the stage started from (absolute path or null)
+- ``parent_checkpoint``: what the stage started from (a path, see below, or null)
 - ``checkpoint``: the final checkpoint, relative to the stage folder
 - ``config``: the resolved config that identifies the stage (see :func:`stage_identity`)
 - ``git_commit``, ``data_fingerprint``, ``steps``, ``tokens_seen``, ``final_metrics``
 - ``wall_time_s``: summed over all attempts; ``attempts``: one entry per start, with
   ``resumed_from_step`` when it continued from a checkpoint of an earlier attempt.
+
+Paths inside the run folder (the stage folder's parent) are stored relative to it, wherever they
+appear in the manifest (:func:`relocatable`): clusters purge scratch, so runs get moved or copied,
+and a moved run must still be the same run. Paths outside it (a corpus, an ``init_from`` checkpoint
+elsewhere) stay absolute. :func:`resolve_in` turns a stored path back into a usable one; manifests
+written before this hold absolute paths, which it returns as they are.
 
 Writes are atomic (temp file + ``os.replace``) so a kill never leaves half a manifest.
 """
@@ -40,6 +46,40 @@ def git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+def relative_in(path: str | os.PathLike | None, folder: str | os.PathLike) -> str | None:
+    """``path`` as a folder that may move stores it: relative to ``folder`` (``"."`` for the folder
+    itself) when it is an absolute path inside it; anything else as it is (an absolute path outside,
+    a path already relative to ``folder``, None)."""
+    if path is None or not os.path.isabs(path):
+        return None if path is None else os.fspath(path)
+    path = os.path.abspath(path)
+    for root in dict.fromkeys((os.path.abspath(folder), os.path.realpath(folder))):  # /tmp may be a link
+        if os.path.commonpath((path, root)) == root:
+            return Path(os.path.relpath(path, root)).as_posix()
+    return path
+
+
+def resolve_in(path: str | os.PathLike | None, folder: str | os.PathLike) -> str | None:
+    """The inverse of :func:`relative_in`: a stored path made usable again (a relative one is
+    relative to ``folder``, wherever that is now; an absolute one is returned as it is)."""
+    if path is None:
+        return None
+    return os.path.normpath(os.path.join(folder, path))
+
+
+def relocatable(value: Any, folder: str | os.PathLike) -> Any:
+    """``value`` (nested dicts / lists, e.g. a manifest or a resolved config) with every absolute path
+    inside ``folder`` made relative to it (:func:`relative_in`): the form that does not change when
+    the folder moves. Relative strings are left alone, so this is idempotent."""
+    if isinstance(value, dict):
+        return {k: relocatable(v, folder) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relocatable(v, folder) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return relative_in(value, folder)
+    return value
+
+
 def read(stage_dir: Path) -> dict[str, Any] | None:
     path = Path(stage_dir) / MANIFEST_FILE
     if not path.exists():
@@ -48,10 +88,12 @@ def read(stage_dir: Path) -> dict[str, Any] | None:
 
 
 def write(stage_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write atomically, paths inside the run folder (``stage_dir``'s parent) relative to it."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     tmp = stage_dir / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    stored = relocatable(json.loads(json.dumps(manifest, default=str)), stage_dir.parent)
+    tmp.write_text(json.dumps(stored, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, stage_dir / MANIFEST_FILE)
 
 
@@ -122,13 +164,25 @@ def complete(stage_dir: Path, checkpoint: str, steps: int, tokens_seen: int, fin
     return manifest
 
 
-def stage_identity(cfg: dict, stage_name: str, parent_checkpoint: str | None) -> dict:
+def stage_identity(cfg: dict, stage_name: str, parent_checkpoint: str | None,
+                   run_dir: str | os.PathLike) -> dict:
     """What makes two runs of a stage "the same": not the parallel layout or cluster (checkpoints
-    reshard), but the model, data, seed, the stage's own settings and where it starts from."""
-    return {
+    reshard), but the model, data, seed, the stage's own settings and where it starts from. Paths
+    inside the run folder count relative to it (:func:`relocatable`), so a moved run is the same run."""
+    return relocatable({
         "model": cfg["model"],
         "data": cfg["data"],
         "seed": cfg["seed"],
         "stage": cfg["stages"][stage_name],
         "parent_checkpoint": parent_checkpoint,
-    }
+    }, run_dir)
+
+
+def recorded_identity(manifest: dict, stage_name: str, run_dir: str | os.PathLike) -> dict:
+    """The :func:`stage_identity` a manifest records. One written before paths were stored relative
+    holds absolute paths into the folder the run was in then, which its config names when its
+    ``run_dir`` was absolute: those count relative to that folder, so such a run may move too."""
+    config = manifest["config"]
+    identity = stage_identity(config, stage_name, manifest["parent_checkpoint"], run_dir)
+    then = config.get("run_dir")
+    return relocatable(identity, then) if isinstance(then, str) and os.path.isabs(then) else identity

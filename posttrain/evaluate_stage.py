@@ -10,7 +10,8 @@ with their F1 (:mod:`posttrain.self_reward_eval`). Sets: the held-out synthetic 
 Prompts too long for ``seq_length`` with ``max_new_tokens`` of answer are skipped and counted.
 
 It evaluates its parent's checkpoint (``init_from`` or the previous stage) and hands that same
-checkpoint on (``checkpoint`` in the stage folder is a link to it). ``c_ref`` is the constant the
+checkpoint on (``checkpoint`` in the stage folder is a link to it, a relative one when the checkpoint
+is in the run folder, so that the link survives a move of the folder). ``c_ref`` is the constant the
 self-reward was trained with: from the config, else the parent stage's ``laser_c_ref.json``.
 Writes ``evaluation.json`` and ``evaluation.txt`` in the stage folder and ``evaluation.txt`` in the run
 folder.
@@ -26,7 +27,7 @@ from megatron.core import parallel_state
 
 from data_pipelines.eval_sets import answers_equivalent, load_eval_set
 from data_pipelines.prepare import prepared_tokenizer
-from megatron_ext import model_builder
+from megatron_ext import manifest, model_builder
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator, SamplingParams
 from megatron_ext.models.recycle_routing import dropless_routing
@@ -53,7 +54,10 @@ def _link_checkpoint(stage_dir: Path, target: Path) -> Path:
     link = stage_dir / "checkpoint"
     if link.is_symlink() or link.exists():
         link.unlink()
-    os.symlink(Path(target).resolve(), link)
+    target = Path(target).resolve()
+    if not os.path.isabs(manifest.relative_in(target, stage_dir.parent)):  # in the run folder
+        target = os.path.relpath(target, stage_dir)
+    os.symlink(target, link)
     return link
 
 
@@ -100,12 +104,12 @@ def run(ctx: StageContext) -> StageResult:
     if skipped:
         table += f"\nskipped (prompt too long for seq_length {seq_length}): {skipped}"
     if ctx.env.is_main:
+        evaluated = manifest.relative_in(ctx.parent_checkpoint, ctx.run_dir)   # the run folder may move
         (ctx.stage_dir / "evaluation.json").write_text(json.dumps(
-            {"checkpoint": str(ctx.parent_checkpoint), "k": k, "c_ref": settings.c_ref, "results": results},
-            indent=1))
+            {"checkpoint": evaluated, "k": k, "c_ref": settings.c_ref, "results": results}, indent=1))
         for folder in (ctx.stage_dir, ctx.run_dir):
             (folder / "evaluation.txt").write_text(
-                f"checkpoint {ctx.parent_checkpoint}, k={k}, temperature {settings.temperature}\n{table}\n")
+                f"checkpoint {evaluated}, k={k}, temperature {settings.temperature}\n{table}\n")
         print(table, flush=True)
         link = _link_checkpoint(ctx.stage_dir, Path(ctx.parent_checkpoint))
     else:

@@ -34,6 +34,7 @@ from data_pipelines.eval_sets import load_eval_set
 from data_pipelines.instruction_prompts import generate_instruction_prompts
 from data_pipelines.prepare import prepared_tokenizer
 from data_pipelines.verifiable_tasks import generate_tasks, split_tasks
+from megatron_ext import manifest
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator, SamplingParams
 from megatron_ext.metrics import read_metrics
@@ -140,7 +141,8 @@ def _known_c_ref(ctx: StageContext, configured: float | None, own_file: Path) ->
     if parent_file.exists():
         value = float(json.loads(parent_file.read_text())["c_ref"])
         if ctx.env.is_main:
-            own_file.write_text(json.dumps({"c_ref": value, "inherited_from": str(parent_file)}))
+            inherited_from = manifest.relative_in(parent_file, ctx.run_dir)   # the run folder may move
+            own_file.write_text(json.dumps({"c_ref": value, "inherited_from": inherited_from}))
         return value
     return None
 

@@ -29,7 +29,7 @@ def assert_pipeline_complete(run_dir: Path) -> None:
     pre, ann = manifest(run_dir, "01_pretrain"), manifest(run_dir, "02_anneal")
     assert pre["status"] == ann["status"] == "complete"
     assert (pre["steps"], ann["steps"]) == (6, 3)
-    assert ann["parent_checkpoint"] == str(run_dir / "01_pretrain" / pre["checkpoint"])
+    assert ann["parent_checkpoint"] == f"01_pretrain/{pre['checkpoint']}"   # relative to the run folder
     assert (run_dir / "report.md").exists()
 
 

@@ -6,6 +6,7 @@ model with few steps.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_each_stage_leaves_manifest_and_checkpoint(finished_run):
         assert m["config"]["model"]["family"] == "hunyuan_moe"
         assert len(m["attempts"]) == 1 and m["attempts"][0]["resumed_from_step"] is None
     assert pre["parent_checkpoint"] is None
-    assert ann["parent_checkpoint"] == str(finished_run / "01_pretrain" / pre["checkpoint"])
+    assert ann["parent_checkpoint"] == f"01_pretrain/{pre['checkpoint']}"   # relative to the run folder
     # annealing draws a different mix, so its data fingerprint differs
     assert ann["data_fingerprint"] != pre["data_fingerprint"]
     assert pre["data_mix"] == {"prose": 0.6, "arithmetic": 0.2, "code": 0.2}
@@ -87,7 +88,7 @@ def test_run_ends_with_summary_and_report(finished_run):
 def test_long_context_stage_trains_longer_sequences_from_the_annealed_weights(finished_run):
     ann, long = manifest(finished_run, "02_anneal"), manifest(finished_run, "03_long_context")
     assert long["status"] == "complete"
-    assert long["parent_checkpoint"] == str(finished_run / "02_anneal" / ann["checkpoint"])
+    assert long["parent_checkpoint"] == f"02_anneal/{ann['checkpoint']}"
     assert long["tokens_seen"] == 4 * 8 * 256  # steps x global batch x the stage's sequence length
     assert long["config"]["stages"]["long_context"]["model_overrides"]["rotary_base"] == 22082
 
@@ -95,7 +96,7 @@ def test_long_context_stage_trains_longer_sequences_from_the_annealed_weights(fi
 def test_sft_stage_trains_packed_task_conversations_from_the_long_context_weights(finished_run):
     long, sft = manifest(finished_run, "03_long_context"), manifest(finished_run, "04_sft")
     assert sft["status"] == "complete" and sft["steps"] == 8
-    assert sft["parent_checkpoint"] == str(finished_run / "03_long_context" / long["checkpoint"])
+    assert sft["parent_checkpoint"] == f"03_long_context/{long['checkpoint']}"
     assert sft["tokens_seen"] == 8 * 8 * 256  # steps x global batch x the stage's sequence length
     assert (finished_run / "04_sft" / sft["checkpoint"] / "metadata.json").exists()
     assert len(sft["data_fingerprint"]) == 64
@@ -171,6 +172,73 @@ def test_killed_stage_resumes_from_last_checkpoint(tmp_path):
     steps = [r["step"] for r in read_metrics(run_dir / "01_pretrain" / "metrics" / "metrics.jsonl")]
     assert steps == list(range(1, 61))
     assert manifest(run_dir, "02_anneal")["status"] == "complete"
+
+
+def files_naming(run_dir: Path, text: str) -> list[str]:
+    """The files of a run folder that contain ``text``, but for logs (they keep what happened where),
+    megatron-core's dataset index cache (it names the absolute data path in each index's description
+    and hash, so it indexes again after a move) and binary files (the checkpoints' own metadata)."""
+    found = []
+    for path in run_dir.rglob("*"):
+        rel = path.relative_to(run_dir)
+        if path.is_symlink() or not path.is_file() or "logs" in rel.parts or rel.parts[:2] == ("data", "cache"):
+            continue
+        content = path.read_bytes()
+        if b"\0" not in content and text.encode() in content:
+            found.append(str(rel))
+    return found
+
+
+def test_moved_run_folder_skips_its_finished_stages_and_resumes_the_unfinished_one(tmp_path):
+    """Clusters purge scratch, so runs get copied to project storage: the copy, run with its new
+    run_dir, is the same run. Nothing in it names the old folder."""
+    scratch, project = tmp_path / "scratch" / "run", tmp_path / "project" / "run"
+    two = ["pipeline.order=[pretrain,anneal]", "stages.anneal.train.steps=40", "stages.anneal.train.save_interval=5",
+           "stages.anneal.train.eval_interval=20"]
+    proc = launch(scratch, *two, start_new_session=True)
+    latest = scratch / "02_anneal" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint of the anneal stage appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner, torchrun and the worker
+    proc.wait()
+    saved = int(latest.read_text().strip().split("_")[-1])
+    assert manifest(scratch, "02_anneal")["status"] == "running" and saved < 40
+    pretrain_files = [f"01_pretrain/{name}" for name in ("manifest.json", "logs/worker.log", "config.yaml")]
+    before = {f: (scratch / f).read_bytes() for f in [*pretrain_files, "data/data_manifest.json"]}
+
+    shutil.copytree(scratch, project, symlinks=True)
+    shutil.rmtree(scratch)
+    again = launch(project, *two)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "01_pretrain: complete (8 steps), skipping" in again.stdout
+    for f, content in before.items():  # not retrained, data not prepared again
+        assert (project / f).read_bytes() == content, f
+    assert "02_anneal: unfinished, resuming" in again.stdout
+    assert f"resuming from {project / '02_anneal' / 'checkpoints' / f'iter_{saved:07d}'}" in again.stdout
+    pre, ann = manifest(project, "01_pretrain"), manifest(project, "02_anneal")
+    assert ann["status"] == "complete" and ann["steps"] == 40
+    assert [a["resumed_from_step"] for a in ann["attempts"]] == [None, saved]
+    assert ann["parent_checkpoint"] == f"01_pretrain/{pre['checkpoint']}"
+    steps = [r["step"] for r in read_metrics(project / "02_anneal" / "metrics" / "metrics.jsonl")]
+    assert steps == list(range(1, 41))
+
+    assert files_naming(project, str(scratch)) == []
+
+    # moved once more, finished: every stage is skipped and nothing rewritten
+    archive = tmp_path / "archive" / "run"
+    shutil.move(project, archive)
+    done = {f: (archive / f).read_bytes() for f in ("01_pretrain/manifest.json", "02_anneal/manifest.json")}
+    third = launch(archive, *two)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "02_anneal: complete (40 steps), skipping" in third.stdout
+    assert all((archive / f).read_bytes() == content for f, content in done.items())
+    # while a config that really changed is still refused
+    changed = launch(archive, *two, "stages.anneal.train.lr=0.002")
+    assert changed.returncode == 2 and "stage 'anneal'" in changed.stderr
+    assert "stage.train.lr: 0.001 -> 0.002" in changed.stderr
 
 
 def test_tiny_turbos_hybrid_trains_in_the_pipeline(tmp_path):

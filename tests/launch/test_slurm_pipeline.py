@@ -65,7 +65,7 @@ def test_pipeline_runs_through_generated_sbatch_scripts(slurm_cluster, tmp_path)
     pre, ann = manifest(run_dir, "01_pretrain"), manifest(run_dir, "02_anneal")
     assert pre["status"] == ann["status"] == "complete"
     assert (pre["steps"], ann["steps"]) == (6, 3)
-    assert ann["parent_checkpoint"] == str(run_dir / "01_pretrain" / pre["checkpoint"])
+    assert ann["parent_checkpoint"] == f"01_pretrain/{pre['checkpoint']}"   # relative to the run folder
     script = (run_dir / "slurm" / "02_anneal.sbatch").read_text()
     assert "#SBATCH --requeue" in script and "#SBATCH --open-mode=append" in script
     log = (run_dir / "02_anneal" / "logs" / f"slurm-{jobs['anneal']}.out").read_text()

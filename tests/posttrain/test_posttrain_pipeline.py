@@ -8,6 +8,7 @@ verified and failed answers. About two minutes on 2 cores.
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,8 @@ def test_rl_stages_log_rollouts_and_the_self_reward(run, index):
     stem = json.loads((run / "05_rl_stem" / "laser_c_ref.json").read_text())
     assert stem["estimated_at_rollout"] == 0 and stem["c_ref"] < 0
     assert c_ref["c_ref"] == fm["c_ref"] == stem["c_ref"]
+    if index == 5:
+        assert c_ref["inherited_from"] == "05_rl_stem/laser_c_ref.json"   # relative: the run folder may move
     logged = [json.loads(line) for line in (folder / "rollouts.jsonl").read_text().splitlines()]
     assert [r["rollout"] for r in logged] == [0] * 8 + [1] * 8
     assert all(r["reason"] and (r["verifier"] == 1.0 or r["reason"] != "correct") for r in logged)
@@ -158,6 +161,7 @@ def test_evaluate_writes_the_scaling_table_and_hands_on_the_checkpoint(run):
     m = manifest(run, 6)
     assert m["status"] == "complete" and m["steps"] == 0
     assert (run / "07_evaluate" / "checkpoint").resolve() == (run / "06_rl_general" / manifest(run, 5)["checkpoint"]).resolve()
+    assert os.readlink(run / "07_evaluate" / "checkpoint") == f"../06_rl_general/{manifest(run, 5)['checkpoint']}"
     results = m["final_metrics"]["evaluation"]
     assert set(results) == {"synthetic", "amc23"}
     synthetic = results["synthetic"]
