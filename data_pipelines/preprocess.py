@@ -10,6 +10,8 @@ Outputs next to `OUT` (the output prefix):
                              merge=False; a blend can use either the shards or the merged file
     OUT.rejects.jsonl        one line per rejected input line/row: input, line or row, reason, raw
     OUT.report.json          input fingerprints, counts, tokens, shards, elapsed time, tokens/s
+Paths in these two files that lie inside OUT's folder are relative to it, so the folder can move (a
+run folder's data/ is built in a temporary folder, then renamed into place).
 
 Why it is shaped this way:
 - One reader (the main process) walks the inputs in the given order, rejects malformed records
@@ -45,6 +47,7 @@ from tqdm import tqdm
 from data_pipelines.errors import DataConfigError
 from data_pipelines.indexed import write_indexed_dataset
 from data_pipelines.tokenizer import TOKENIZER_FILE, load_tokenizer
+from megatron_ext.manifest import relative_in
 
 DEFAULT_SHARD_DOCS = 100_000
 RAW_LIMIT = 4096  # bytes of a rejected line kept in the rejects file
@@ -366,7 +369,9 @@ def preprocess(
     os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
     _remove_stale_partials(output_prefix)
 
-    fingerprints = [_fingerprint(p, f) for p, f in zip(paths, formats)]
+    out_dir = os.path.dirname(output_prefix)
+    shown = {p: relative_in(p, out_dir) for p in paths + [tokenizer_dir]}  # how the files name them
+    fingerprints = [{**_fingerprint(p, f), "path": shown[p]} for p, f in zip(paths, formats)]
     key_base = {"format_version": FORMAT_VERSION,
                 "tokenizer": dict(tokenizer.unique_identifiers)}
     rejected, counts = Counter(), Counter()
@@ -384,7 +389,7 @@ def preprocess(
                     if kind == "reject":
                         reason, raw = rest
                         rejected[reason] += 1
-                        rejects.write(json.dumps({"input": path, where: position,
+                        rejects.write(json.dumps({"input": shown[path], where: position,
                                                   "reason": reason, "raw": raw}) + "\n")
                         continue
                     text = rest[0]
@@ -461,7 +466,7 @@ def preprocess(
     report = {
         "inputs": fingerprints,
         "text_key": text_key,
-        "tokenizer": {"path": tokenizer_dir, **tokenizer.unique_identifiers,
+        "tokenizer": {"path": shown[tokenizer_dir], **tokenizer.unique_identifiers,
                       "vocab_size": tokenizer.vocab_size, "dtype": numpy.dtype(dtype).name},
         "records_read": counts["records"],
         "documents": documents,

@@ -114,7 +114,7 @@ def test_rejects_are_counted_and_listed_and_good_lines_kept(tmp_path, tokenizer_
     rejects = [json.loads(r) for r in (tmp_path / "mixed.rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["raw"], r["reason"]) for r in rejects] == \
         [(n, raw, reason) for n, (raw, reason) in sorted(bad.items())]
-    assert all(r["input"] == str(source) for r in rejects)
+    assert all(r["input"] == "mixed.jsonl" for r in rejects)   # inside the output folder: relative to it
     assert _tokens(out) == [tokenizer.tokenize(d) + [tokenizer.eod] for d in good]
 
 
@@ -131,13 +131,13 @@ def test_duplicates_dropped_across_inputs_first_occurrence_wins(tmp_path, tokeni
                                                                  tokenizer):
     first = _write_jsonl(tmp_path / "a.jsonl", [DOCS[0], DOCS[1], DOCS[0], DOCS[2]])
     second = _write_input("parquet", tmp_path, [DOCS[3], DOCS[1], DOCS[4]])
-    out = tmp_path / "dedup"
+    out = tmp_path / "dedup" / "docs"
     report = preprocess([first, second], out, tokenizer_dir, shard_docs=2, progress=False)
     kept = [DOCS[0], DOCS[1], DOCS[2], DOCS[3], DOCS[4]]
     assert report["duplicates_dropped"] == 2 and report["documents"] == 5
     assert report["records_read"] == 7
     assert _tokens(out) == [tokenizer.tokenize(d) + [tokenizer.eod] for d in kept]
-    assert [i["path"] for i in report["inputs"]] == [str(first), str(second)]
+    assert [i["path"] for i in report["inputs"]] == [str(first), str(second)]   # outside the output's folder
 
 
 def test_merged_file_equals_megatron_add_index(tmp_path, tokenizer_dir):
