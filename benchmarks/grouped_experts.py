@@ -1,11 +1,11 @@
-"""Grouped-GEMM experts (megatron-core's GroupedMLP on torch._grouped_mm) vs SequentialMLP on a GPU.
+"""Grouped-GEMM experts (our TorchGroupedMLP on torch._grouped_mm) vs SequentialMLP on a GPU.
 
     python benchmarks/grouped_experts.py [--tokens 4096 --hidden 2048 --experts 16 --topk 1 --ffn 2816]
 
 One MoE layer of issue 10's Hunyuan-style shape (routed SwiGLU experts + a shared expert of the same
 width, dropless, allgather dispatcher), built with each expert module (grouped: with the sync-free
 dispatcher of :mod:`megatron_ext.models.moe_dispatch`); the bf16 layers share the
-weights of an fp32 SequentialMLP layer, the reference (GroupedMLP gets them through its checkpoint,
+weights of an fp32 SequentialMLP layer, the reference (TorchGroupedMLP gets them through its checkpoint,
 as a CPU-trained model would reach a GPU run). Records each bf16 layer's largest output and
 input-gradient error against the reference (grouped must be no worse than sequential), then the median
 forward + backward time of each over 20 runs after 5 warm-up runs. Writes
@@ -30,9 +30,9 @@ from benchmarks.run_record import cuda_seconds, gpu_record, gpu_result_path, sin
 
 def build(args, grouped: bool, dtype: torch.dtype):
     from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_ext.models import grouped_experts, moe_dispatch, recycle_routing
+    from megatron_ext.mcore_compat import build_spec
+    from megatron_ext.models import moe_dispatch, recycle_routing
 
     config = TransformerConfig(
         num_layers=1, hidden_size=args.hidden, num_attention_heads=16, num_moe_experts=args.experts,
@@ -43,9 +43,9 @@ def build(args, grouped: bool, dtype: torch.dtype):
     choose = recycle_routing.use_grouped_gemm
     if grouped and dtype == torch.bfloat16:   # what is measured must be what training picks
         assert choose(config), "use_grouped_gemm did not pick grouped GEMM for bf16 on this GPU"
-    recycle_routing.use_grouped_gemm = lambda config: grouped and grouped_experts.install()
+    recycle_routing.use_grouped_gemm = lambda config: grouped
     try:
-        layer = build_module(recycle_routing.moe_module_spec(config, "dropless"), config=config).cuda()
+        layer = build_spec(recycle_routing.moe_module_spec(config, "dropless"), config=config).cuda()
     finally:
         recycle_routing.use_grouped_gemm = choose
     layer.set_layer_number(1)
@@ -86,7 +86,7 @@ def main() -> None:
     grad = torch.randn(args.tokens, 1, args.hidden, generator=gen, device="cuda")
     reference = build(args, False, torch.float32)
     ref_out, ref_grad = run(reference, x, grad)
-    # the fp32 weights, in each module's layout: GroupedMLP reads SequentialMLP's checkpoint
+    # the fp32 weights, in each module's layout: TorchGroupedMLP reads SequentialMLP's checkpoint
     fp32 = {False: reference, True: build(args, True, torch.float32)}
     with tempfile.TemporaryDirectory() as ckpt:
         dist_checkpointing.save(reference.sharded_state_dict(), ckpt)

@@ -51,12 +51,40 @@ def write_result(out: str | os.PathLike, result: dict) -> None:
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def library_versions() -> dict:
+    """The versions of what the numbers depend on (megatron-core, TE, apex, mamba-ssm: None = absent)."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "megatron-core", "transformer-engine", "apex", "mamba-ssm", "triton"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
 def gpu_record() -> dict:
-    """What a GPU benchmark records first: the command, commit, machine, device and torch build."""
+    """What a GPU benchmark records first: the command, commit, machine, device and library versions."""
     import torch
 
     return {"command": command(), "commit": git_commit(), "machine": machine(),
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "libraries": library_versions()}
+
+
+#: Dense bf16 tensor-core peak (no sparsity) from NVIDIA's datasheets, TFLOP/s: what Megatron-LM's and
+#: the papers' MFU divide by. Matched against ``torch.cuda.get_device_name()`` in order.
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+                         ("H20", 148.0), ("A100", 312.0), ("B200", 2250.0))
+
+
+def datasheet_bf16_tflops(device_name: str) -> float | None:
+    """The datasheet dense bf16 peak of ``device_name``, None for a GPU not in the table."""
+    for key, tflops in DATASHEET_BF16_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
 
 
 def gpu_result_path(stem: str) -> Path:

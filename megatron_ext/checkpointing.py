@@ -260,8 +260,9 @@ def _expert_module(model) -> str | None:
 
 
 def check_same_expert_module(path, saved: str | None, current: str | None) -> None:
-    """GroupedMLP and SequentialMLP experts read each other's weights but not each other's optimizer
-    state (megatron-core stores GroupedMLP's transposed), so a resume must build the saved kind."""
+    """Grouped and sequential experts read each other's weights but not each other's optimizer state
+    (its buffers follow the parameters: stacked or one per expert), so a resume must build the saved
+    kind (checkpoints from before megatron-core 0.19 say ``GroupedMLP``, megatron-core's old module)."""
     if saved is not None and current is not None and saved != current:
         raise ConfigError(
             f"{path} was saved with {saved} experts; this run builds {current} (grouped GEMM is picked "

@@ -7,7 +7,8 @@ same step), saves, and raises :class:`Preempted`. The stage worker exits with
 :data:`PREEMPTED_EXIT_CODE`, which launchers treat as "requeue and resume".
 
 Divergence. A NaN/Inf loss or gradient skips the optimizer update (weights, optimizer state and LR
-schedule stay as they were; the step's data is consumed) and is logged; ``max_skipped_steps``
+schedule stay as they were; the step's data is consumed; the gradient check is the optimizer's own
+gradient norm, :func:`megatron_ext.optim.step_if_finite`) and is logged; ``max_skipped_steps``
 consecutive skips raise :class:`TrainingDiverged`, leaving the last good checkpoint as ``latest``.
 
 Only constants and the guard import at module level: the launcher imports this without torch.
@@ -60,18 +61,3 @@ class PreemptionGuard:
         flag = torch.tensor([self.received or 0], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return signal.Signals(int(flag)).name if int(flag) else None
-
-
-def grads_finite(ddp_chunks: list) -> bool:
-    """Whether every rank's reduced gradients are finite (collective)."""
-    import torch
-    import torch.distributed as dist
-
-    local = all(
-        bool(torch.isfinite(buffer.grad_data).all())
-        for chunk in ddp_chunks
-        for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]
-    )
-    flag = torch.tensor([1 if local else 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)

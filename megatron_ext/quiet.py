@@ -14,8 +14,6 @@ import warnings
 def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex) (is|are) not installed.*")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
-    # GroupedMLP is our grouped-GEMM path without TE (megatron_ext.models.grouped_experts)
-    warnings.filterwarnings("ignore", message=".*legacy GroupedMLP will be deprecated.*")
     warnings.filterwarnings("ignore", message=".*\\.grad attribute of a Tensor that is not a leaf.*")
     # torch deprecation notices raised inside megatron-core's own calls (ShardedTensor, all_gather)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")

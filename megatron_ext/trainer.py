@@ -21,8 +21,9 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import checkpointing
-from megatron_ext.fault_tolerance import Preempted, PreemptionGuard, TrainingDiverged, grads_finite
+from megatron_ext.fault_tolerance import Preempted, PreemptionGuard, TrainingDiverged
 from megatron_ext.metrics import MetricsWriter
+from megatron_ext.optim import step_if_finite
 
 
 @dataclass
@@ -217,12 +218,11 @@ class Trainer:
             aux[name], aux[f"{name}_per_layer"] = sum(per_layer), per_layer
         self.state.step += 1
         self.state.tokens_seen += self.train_batches.gbs * self.seq_length
-        if math.isfinite(loss) and grads_finite(self.chunks):
-            update_ok, grad_norm, _ = self.optimizer.step()
+        update_ok, grad_norm = step_if_finite(self.optimizer) if math.isfinite(loss) else (False, None)
+        if update_ok:
             self.scheduler.step(increment=1)
             self._consecutive_skips = 0
         else:
-            update_ok, grad_norm = False, None
             self._consecutive_skips += 1
             limit = int(self.cfg.get("max_skipped_steps", 5))
             if dist.get_rank() == 0:

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from megatron_ext.mcore_compat import canonical_name
+
 SINGLE = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
           "expert_model_parallel_size": 1, "sequence_parallel": False}
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -62,7 +64,8 @@ def build_single(model_cfg: Mapping[str, Any], vocab_size: int, device: str = "m
 
 class LayerReader:
     """Read one layer's parameters (named as in the single-process model's ``state_dict``, minus the
-    ``decoder.layers.<i>.`` prefix), or the outer ones (embedding, final norm, output layer)."""
+    ``decoder.layers.<i>.`` prefix; :func:`~megatron_ext.mcore_compat.canonical_name` spelling), or the
+    outer ones (embedding, final norm, output layer)."""
 
     def __init__(self, checkpoint: Path, model_cfg: Mapping[str, Any]):
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -70,7 +73,7 @@ class LayerReader:
         self.checkpoint = Path(checkpoint)
         self.vocab_size = checkpoint_vocab_size(self.checkpoint)
         model = build_single(model_cfg, self.vocab_size)
-        entries = {k: v for k, v in model.sharded_state_dict().items()
+        entries = {canonical_name(k): v for k, v in model.sharded_state_dict().items()
                    if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
         self.layers: dict[int, list[str]] = {}
         self.outer: list[str] = []
@@ -109,7 +112,10 @@ class LayerReader:
 def _region_load_strategy_class():
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.base import LoadShardedStrategy
+    try:   # megatron-core 0.16's strategy base class; 0.17+ calls any object with load()
+        from megatron.core.dist_checkpointing.strategies.base import LoadShardedStrategy
+    except ImportError:
+        LoadShardedStrategy = object
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
@@ -151,7 +157,7 @@ def _region_load_strategy_class():
         """A megatron-core load strategy for torch_dist checkpoints that reads exactly the requested
         regions in one process, whatever the checkpoint's layout."""
 
-        def load(self, sharded_state_dict, checkpoint_dir):
+        def load(self, sharded_state_dict, checkpoint_dir, *_async_strategy):
             regions: dict[str, list[ShardedTensor]] = {}
             for sh in nested_values(sharded_state_dict):
                 assert isinstance(sh, ShardedTensor) and sh.flattened_range is None, sh
@@ -206,7 +212,8 @@ class LayerWriter:
             raise ConfigError(f"{path} exists and is not empty: choose a new output folder (nothing is overwritten)")
         self.path.mkdir(parents=True, exist_ok=True)
         model = build_single(model_cfg, vocab_size)
-        self._entries = model.sharded_state_dict()   # tensors, factories and the modules' extra state
+        # tensors, factories and the modules' extra state, under the names the import passes
+        self._entries = {canonical_name(k): v for k, v in model.sharded_state_dict().items()}
         self._partials: list[Path] = []
         self._outer: Path | None = None
 

@@ -69,6 +69,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import deprecate_inference_params, get_pg_rank
 from torch import Tensor
 
+from megatron_ext.mcore_compat import name_kwargs
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.norms import SequenceParallelTorchNorm
 from megatron_ext.models.sdpa_attention import FastSpecProvider
@@ -546,10 +547,11 @@ class CLAProducerSelfAttention(_CLAForward, SelfAttention):
         attn_mask_type: AttnMaskType = AttnMaskType.causal,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        name: str | None = None,
     ):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
-                         pg_collection=pg_collection)
+                         pg_collection=pg_collection, **name_kwargs(name))
         self._init_cla(cla_share_factor, kv_store, qk_norm_after_rope)
         if not kv_store.is_producer(layer_number):
             raise ConfigError(
@@ -614,10 +616,11 @@ class CLAConsumerAttention(_CLAForward, Attention):
         attn_mask_type: AttnMaskType = AttnMaskType.causal,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        name: str | None = None,
     ):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, attention_type="self",
-                         cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+                         cp_comm_type=cp_comm_type, pg_collection=pg_collection, **name_kwargs(name))
         self._init_cla(cla_share_factor, kv_store, qk_norm_after_rope)
         if kv_store.is_producer(layer_number):
             raise ConfigError(

@@ -94,7 +94,7 @@ def hybrid_stack_spec(config: TransformerConfig, mamba_chunk_size: int = 128,
     mamba_layer = ModuleSpec(
         module=MambaLayer,
         submodules=MambaLayerSubmodules(
-            norm=ModuleSpec(module=SequenceParallelTorchNorm, params={"eps": config.layernorm_epsilon}),
+            norm=SequenceParallelTorchNorm,
             mixer=ModuleSpec(
                 module=MambaMixer,
                 params={"chunk_size": mamba_chunk_size},

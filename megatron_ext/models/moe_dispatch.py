@@ -95,10 +95,10 @@ def applies(layer: MoELayer) -> bool:
     device-side counts), allgather dispatch, every expert on this rank, no padding of expert inputs, no
     shared-expert overlap. Capacity routing is fine: those calls take megatron-core's permutation, and
     generation (dropless routing) the sync-free one, which its CUDA-graph decode step needs."""
-    from megatron.core.transformer.moe.experts import GroupedMLP
+    from megatron_ext.models.grouped_experts import TorchGroupedMLP
 
     config = layer.config
-    return (isinstance(layer.experts, GroupedMLP)
+    return (isinstance(layer.experts, TorchGroupedMLP)
             and type(layer.token_dispatcher) is MoEAllGatherTokenDispatcher
             and layer.num_local_experts == config.num_moe_experts
             and not config.moe_pad_expert_input_to_capacity

@@ -20,9 +20,11 @@ from megatron.core.transformer import TransformerConfig
 
 
 class SequenceParallelTorchNorm:
-    """Factory with megatron-core's norm signature, returning ``torch.nn.RMSNorm``/``LayerNorm``."""
+    """Factory with megatron-core's norm signature, returning ``torch.nn.RMSNorm``/``LayerNorm``
+    (``eps`` defaults to ``config.layernorm_epsilon``: megatron-core 0.16's MambaLayer passes none)."""
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float | None = None, **_unused):
+        eps = config.layernorm_epsilon if eps is None else eps
         if config.normalization == "RMSNorm":
             norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         elif config.normalization == "LayerNorm":

@@ -38,6 +38,7 @@ from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping,
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_ext.mcore_compat import moe_submodules
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.grouped_experts import use_grouped_gemm
 from megatron_ext.models.sdpa_attention import FastSpecProvider
@@ -200,6 +201,7 @@ class RecycleRouter(TopKRouter):
         config: TransformerConfig,
         pg_collection=None,
         routing_mode: RoutingMode = "dropless",
+        **mcore_kwargs,   # what this megatron-core's TopKRouter takes besides (e.g. is_mtp_layer, 0.19)
     ) -> None:
         check_routing_config(config, routing_mode)
         capacity_factor = config.moe_expert_capacity_factor
@@ -208,7 +210,7 @@ class RecycleRouter(TopKRouter):
             # TopKRouter.routing would drop over-capacity assignments itself; recycling needs them.
             config = copy.copy(config)
             config.moe_expert_capacity_factor = None
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **mcore_kwargs)
         self.routing_mode = routing_mode
         self.capacity_factor = capacity_factor
         self.drop_policy = drop_policy
@@ -272,7 +274,7 @@ def moe_module_spec(config: TransformerConfig, routing_mode: RoutingMode = "drop
     spec = get_moe_module_spec_for_backend(   # the shared expert's linears as the dense layers'
         FastSpecProvider(config), num_experts=config.num_moe_experts, moe_grouped_gemm=use_grouped_gemm(config)
     )
-    spec.submodules.router = router_builder(routing_mode)
+    moe_submodules(spec).router = router_builder(routing_mode)
     return spec
 
 

@@ -104,8 +104,9 @@ def core_attention_for(config: TransformerConfig) -> type:
 
 
 class FastSpecProvider(LocalSpecProvider):
-    """megatron-core's local modules, with the core attention :func:`core_attention_for` chooses and,
-    under ``config.tp_comm_overlap``, linear layers that overlap the sequence-parallel collectives."""
+    """megatron-core's local modules, with the core attention :func:`core_attention_for` chooses,
+    under ``config.tp_comm_overlap`` linear layers that overlap the sequence-parallel collectives, and
+    for ``moe_grouped_gemm`` our grouped-GEMM experts (:mod:`megatron_ext.models.grouped_experts`)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -120,3 +121,12 @@ class FastSpecProvider(LocalSpecProvider):
 
     def row_parallel_linear(self) -> type:
         return self._row_linear
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, *legacy_flag):
+        """megatron-core >= 0.17 takes one flag and wants an experts builder; 0.16 passes
+        ``moe_use_legacy_grouped_gemm`` too and wants ``(module, submodules)``."""
+        if not moe_use_grouped_gemm:
+            return super().grouped_mlp_modules(moe_use_grouped_gemm, *legacy_flag)
+        from megatron_ext.models.grouped_experts import TorchGroupedMLP
+
+        return (TorchGroupedMLP, None) if legacy_flag else TorchGroupedMLP

@@ -87,6 +87,7 @@ class _GatherThenLinear(LinearWithGradAccumulationAndAsyncCommunication):
         ctx.wgrad_deferral_limit = wgrad_deferral_limit
         ctx.grad_output_buffer = grad_output_buffer
         ctx.tp_group = tp_group
+        ctx.gtp_remat_size = 1   # megatron-core 0.19's backward reads it (weights sharded beyond TP: not here)
 
         tp, rank = tp_group.size(), tp_group.rank()
         local = input.contiguous()
@@ -185,7 +186,8 @@ class OverlappedColumnParallelLinear(ColumnParallelLinear):
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if (kwargs.get("sequence_parallel") and kwargs.get("grad_output_buffer") is None
-                and not kwargs.get("allreduce_dgrad") and _overlappable(weight, kwargs["tp_group"])):
+                and not kwargs.get("allreduce_dgrad") and kwargs.get("gtp_remat_size", 1) <= 1
+                and _overlappable(weight, kwargs["tp_group"])):
             return _GatherThenLinear.apply(input, weight, kwargs["bias"], kwargs["gradient_accumulation_fusion"],
                                            False, True, None, kwargs["wgrad_deferral_limit"], kwargs["tp_group"])
         return super()._forward_impl(input, weight, *args, **kwargs)

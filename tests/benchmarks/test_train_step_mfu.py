@@ -107,7 +107,7 @@ def test_matmul_params_match_the_built_model(built_params, shape):
     formula = sum(counts[k] * params[k] for k in ("attention", "mamba", "mlp", "moe")) + params["output"]
     assert formula == built
     if shape == "hybrid":
-        assert any(".mixer.conv1d.weight" in name for name in built_params[shape])
+        assert any(".mixer.conv1d.weight" in name or ".mixer.conv1d_weight" in name for name in built_params[shape])
 
 
 KERNELS = {
@@ -273,3 +273,16 @@ def test_plain_comparison_records_the_ratio():
     got = mfu.add_plain_comparison(fast, plain, "benchmarks/results/train_step_moe_plain_h200.json")
     assert got["speedup_vs_plain"] == 3.0 and got["plain"]["mfu"] == 0.1 and "machine" not in got["plain"]
     assert got["plain"]["file"].endswith("moe_plain_h200.json") and got["shape"] == "moe"
+
+
+def test_both_mfu_figures_and_the_datasheet_table():
+    from benchmarks.run_record import datasheet_bf16_tflops
+
+    assert datasheet_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4      # SXM
+    assert datasheet_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert datasheet_bf16_tflops("NVIDIA H200") == 989.4
+    assert datasheet_bf16_tflops("Some Future GPU") is None
+    got = mfu.mfu_figures(400.0, 790.0, "NVIDIA H200")
+    assert got["mfu_datasheet"] == pytest.approx(400 / 989.4) and got["datasheet_peak_tflops"] == 989.4
+    assert got["mfu_measured_peak"] == got["mfu"] == pytest.approx(400 / 790)
+    assert mfu.mfu_figures(400.0, 790.0, "Some Future GPU")["mfu_datasheet"] is None

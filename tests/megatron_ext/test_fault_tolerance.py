@@ -2,6 +2,7 @@
 preemption, and the NaN guard. Single-process and 2-process gloo runs of the tiny model."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -96,6 +97,23 @@ def test_nan_step_is_skipped_and_training_continues(tmp_path):
     assert all(records[s]["update_skipped"] is False and records[s]["loss"] == records[s]["loss"]
                for s in (1, 2, 4, 5, 6))
     assert "update skipped" in proc.stdout
+
+
+def test_nan_gradient_with_finite_loss_skips_the_update(tmp_path):
+    # the optimizer's own gradient norm is the check (no isfinite scan of the gradient buffers)
+    root = tmp_path / "nan_grad"
+    proc = worker(tmp_path / "a.json", root, "fit", *STEPS, "+nan_grad_steps=[3,4]",
+                  "stages.pretrain.train.keep_last_checkpoints=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["step"]: r for r in read_metrics(root / "metrics" / "metrics.jsonl")}
+    for s in (3, 4):
+        assert records[s]["update_skipped"] is True and records[s]["loss"] == records[s]["loss"]
+        assert records[s]["grad_norm"] != records[s]["grad_norm"]  # the NaN norm that caused the skip
+    assert records[5]["lr"] == records[3]["lr"]  # the schedule did not advance on the skipped steps
+    assert all(records[s]["update_skipped"] is False and math.isfinite(records[s]["grad_norm"])
+               for s in (1, 2, 5, 6))
+    assert weight_diff(tmp_path, root / "iter_0000002", root / "iter_0000004") == 0.0
+    assert weight_diff(tmp_path, root / "iter_0000004", root / "iter_0000006") > 0.0
 
 
 def test_consecutive_nan_steps_stop_with_last_good_checkpoint(tmp_path):

@@ -75,6 +75,18 @@ def build_trainer(cfg, env, ckpt_root: Path) -> Trainer:
     return Trainer(ddp, opt, sched, train, batches, batches, ckpt_root, metrics, seq)
 
 
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
     quiet_known_warnings()
     cfg = load_config(["model.seq_length=32", "stages.pretrain.train.micro_batch_size=2",
@@ -134,17 +146,24 @@ def main(out: str, ckpt_root: str, mode: str, *overrides: str) -> None:
 
             checkpointing.dist_checkpointing_save = save_then_die
         nan_steps = set(cfg.get("nan_steps") or [])
-        if nan_steps:
+        nan_grad_steps = set(cfg.get("nan_grad_steps") or [])
+        if nan_steps or nan_grad_steps:
             def poisoned(batch_iter, model):
                 output, loss_fn = lm_forward_step(batch_iter, model)
-                if trainer.state.step + 1 not in nan_steps:
-                    return output, loss_fn
+                step = trainer.state.step + 1
+                if step in nan_steps:
+                    def nan_loss(out):  # a NaN loss, as a real divergence reports it
+                        loss, report = loss_fn(out)
+                        return loss * float("nan"), {k: v * torch.tensor([float("nan"), 1.0]) for k, v in report.items()}
 
-                def nan_loss(out):  # a NaN loss, as a real divergence reports it
-                    loss, report = loss_fn(out)
-                    return loss * float("nan"), {k: v * torch.tensor([float("nan"), 1.0]) for k, v in report.items()}
+                    return output, nan_loss
+                if step in nan_grad_steps:
+                    def nan_grad_loss(out):  # a finite loss whose gradient is NaN (an overflow in backward)
+                        loss, report = loss_fn(out)
+                        return _NanGrad.apply(loss), report
 
-                return output, nan_loss
+                    return output, nan_grad_loss
+                return output, loss_fn
 
             trainer.forward_step = poisoned
         trainer.restore(parent_checkpoint=None)

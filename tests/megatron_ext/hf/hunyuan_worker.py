@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from launch.config import load_config
 from megatron_ext import distributed, model_builder
 from megatron_ext.generation import Generator, SamplingParams
+from megatron_ext.mcore_compat import canonical_state_dict
 from megatron_ext.quiet import quiet_known_warnings
 
 VOCAB = 100          # tokenizer size; the embedding is padded to 128 rows
@@ -57,8 +58,7 @@ def main(out: str, *overrides: str) -> None:
         "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
         "vocab": VOCAB,
         "padded_vocab": padded,
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()
-                       if "_extra_state" not in k},
+        "state_dict": {k: v.detach().clone() for k, v in canonical_state_dict(model).items()},
         "tokens": tokens,
         "logits": logits.detach().clone(),
         "prompts": prompts(),

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from launch.config import load_config
 from megatron_ext import distributed, model_builder
 from megatron_ext.generation import Generator, SamplingParams
+from megatron_ext.mcore_compat import canonical_state_dict, load_canonical_state_dict
 from megatron_ext.quiet import quiet_known_warnings
 
 VOCAB = 100  # padded to 128 by the builder: the export carries the padded size
@@ -46,7 +47,7 @@ def imported(out_dir: str, model_cfg_json: str, state_path: str) -> None:
     config = model_builder.transformer_config(model_cfg, cfg.parallel)
     (model,) = model_builder.build_model(model_cfg, config,
                                          model_builder.padded_vocab_size(model_cfg["vocab_size"], env.tp))
-    missing, unexpected = model.load_state_dict(torch.load(state_path), strict=False)
+    missing, unexpected = load_canonical_state_dict(model, torch.load(state_path), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     model.eval()
     tokens = fixed_tokens()
@@ -71,7 +72,7 @@ def main(out_dir: str, mode: str, *args: str) -> None:
     model.eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    state = {k: v.detach().clone() for k, v in canonical_state_dict(model).items()}
     torch.save(state, out / "state_dict.pt")
 
     tokens = fixed_tokens()

@@ -1,11 +1,14 @@
-"""Test worker (torchrun, 1 or 2 processes; expert parallelism = world size): megatron-core's
-GroupedMLP on :mod:`megatron_ext.models.grouped_experts` against SequentialMLP.
+"""Test worker (torchrun, 1 or 2 processes; expert parallelism = world size): our TorchGroupedMLP
+(:mod:`megatron_ext.models.grouped_experts`) against megatron-core's SequentialMLP.
 
-    grouped_experts_worker.py <tmp_dir> <out.json>
+    grouped_experts_worker.py <tmp_dir> <out.json> [ep|tp]
+
+``tp`` (2 processes): expert tensor parallelism 2 instead; checks only that the checkpoints of the two
+modules hold the same global tensors (each rank's SwiGLU halves land where SequentialMLP's do).
 
 Builds one MoE layer (shared expert + 4 routed SwiGLU experts, top-2) with SequentialMLP experts and
 megatron-core's allgather dispatcher, saves it with dist_checkpointing, and loads that checkpoint into
-the same layer built with GroupedMLP experts (with every expert on the rank, moe_dispatch gives it the
+the same layer built with TorchGroupedMLP experts (with every expert on the rank, moe_dispatch gives it the
 sync-free dispatcher): the weights travel through the sharded keys both modules declare. Both layers,
 and bf16 copies of both, then run the same tokens (different per rank); records the largest output,
 input-gradient and expert-weight-gradient differences, plus the bf16 errors of both against the fp32
@@ -26,12 +29,12 @@ from megatron_ext.quiet import quiet_known_warnings
 SEQ, BATCH, HIDDEN, EXPERTS, FFN = 6, 3, 32, 4, 48
 
 
-def build(grouped: bool, dtype: torch.dtype, capacity: float | None = None):
+def build(grouped: bool, dtype: torch.dtype, capacity: float | None = None, tp: int = 1):
     """One MoE layer; with ``capacity``, routed in ``drop`` mode (capacity factor ``capacity``)."""
     from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron_ext.mcore_compat import build_spec
 
-    from megatron_ext.models import grouped_experts, moe_dispatch, recycle_routing
+    from megatron_ext.models import moe_dispatch, recycle_routing
 
     config = TransformerConfig(
         num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=EXPERTS,
@@ -39,14 +42,15 @@ def build(grouped: bool, dtype: torch.dtype, capacity: float | None = None):
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         moe_token_dispatcher_type="allgather", use_cpu_initialization=True,
         gradient_accumulation_fusion=False, bias_dropout_fusion=False, params_dtype=dtype,
-        bf16=True,   # GroupedMLP asserts the flag; params_dtype decides the arithmetic
-        expert_model_parallel_size=int(os.environ.get("WORLD_SIZE", 1)),
+        bf16=True,   # grouped experts need the flag; params_dtype decides the arithmetic
+        expert_model_parallel_size=int(os.environ.get("WORLD_SIZE", 1)) // tp,
+        tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
         moe_router_load_balancing_type="none", init_method_std=0.3, moe_router_dtype="fp32",
         moe_expert_capacity_factor=capacity,
     )
-    recycle_routing.use_grouped_gemm = lambda config: grouped and grouped_experts.install()
+    recycle_routing.use_grouped_gemm = lambda config: grouped
     mode = "dropless" if capacity is None else "drop"
-    layer = build_module(recycle_routing.moe_module_spec(config, mode), config=config)
+    layer = build_spec(recycle_routing.moe_module_spec(config, mode), config=config)
     layer.set_layer_number(1)
     moe_dispatch.install(layer)   # as model_builder.build_model does
     return layer
@@ -66,10 +70,39 @@ def expert_grads(layer) -> torch.Tensor:
     if hasattr(experts, "local_experts"):
         return torch.cat([torch.cat([e.linear_fc1.weight.grad.flatten(), e.linear_fc2.weight.grad.flatten()])
                           for e in experts.local_experts]).float()
-    n = experts.num_local_experts
-    w1 = experts.weight1.grad.view(n, HIDDEN, -1).transpose(1, 2)   # GroupedMLP stores [in, out]
-    w2 = experts.weight2.grad.view(n, -1, HIDDEN).transpose(1, 2)
+    w1, w2 = experts.weight1.grad, experts.weight2.grad   # stacked, each expert [out, in]
     return torch.cat([torch.cat([a.flatten(), b.flatten()]) for a, b in zip(w1, w2)]).float()
+
+
+def tp_checkpoints(tmp: str, out: str) -> None:
+    """Expert TP2: SequentialMLP's checkpoint into TorchGroupedMLP and back, weight for weight."""
+    from megatron.core import dist_checkpointing
+
+    distributed.initialize({"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
+                            "expert_model_parallel_size": 1}, seed=0)
+    rank = torch.distributed.get_rank()
+    paths = [os.path.join(tmp, name) for name in ("tp_sequential", "tp_grouped")]
+    if rank == 0:
+        for path in paths:
+            os.makedirs(path, exist_ok=True)
+    torch.distributed.barrier()
+    sequential = build(False, torch.float32, tp=2)
+    dist_checkpointing.save(sequential.sharded_state_dict(), paths[0])
+    grouped = build(True, torch.float32, tp=2)
+    grouped.load_state_dict(dist_checkpointing.load(grouped.sharded_state_dict(), paths[0]))
+    local = [(e.linear_fc1.weight, e.linear_fc2.weight) for e in sequential.experts.local_experts]
+    diff = max(max(float((grouped.experts.weight1[i] - fc1).abs().max()),
+                   float((grouped.experts.weight2[i] - fc2).abs().max())) for i, (fc1, fc2) in enumerate(local))
+    dist_checkpointing.save(grouped.sharded_state_dict(), paths[1])
+    reloaded = build(False, torch.float32, tp=2)
+    reloaded.load_state_dict(dist_checkpointing.load(reloaded.sharded_state_dict(), paths[1]))
+    back = max(float((a - b).abs().max()) for a, b in
+               zip(sequential.state_dict().values(), reloaded.state_dict().values()) if isinstance(a, torch.Tensor))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"module": type(grouped.experts).__name__, "into_grouped": diff, "round_trip": back,
+                       "weight1_shape": list(grouped.experts.weight1.shape)}, f)
+    distributed.destroy()
 
 
 def main(tmp: str, out: str) -> None:
@@ -89,9 +122,9 @@ def main(tmp: str, out: str) -> None:
     sequential = build(False, torch.float32)
     dist_checkpointing.save(sequential.sharded_state_dict(), ckpt)
     grouped = build(True, torch.float32)
-    assert type(grouped.experts).__name__ == "GroupedMLP", type(grouped.experts)
+    assert type(grouped.experts).__name__ == "TorchGroupedMLP", type(grouped.experts)
     grouped.load_state_dict(dist_checkpointing.load(grouped.sharded_state_dict(), ckpt))
-    # and back: GroupedMLP's checkpoint (what a GPU run saves) into a fresh SequentialMLP layer
+    # and back: TorchGroupedMLP's checkpoint (what a GPU run saves) into a fresh SequentialMLP layer
     back = os.path.join(tmp, "grouped")
     if rank == 0:
         os.makedirs(back, exist_ok=True)
@@ -165,4 +198,8 @@ def main(tmp: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[3:] == ["tp"]:
+        quiet_known_warnings()
+        tp_checkpoints(*sys.argv[1:3])
+    else:
+        main(*sys.argv[1:3])

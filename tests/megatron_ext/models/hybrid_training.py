@@ -22,7 +22,8 @@ from megatron_ext.models import mamba_torch
 from megatron_ext.quiet import quiet_known_warnings
 
 VOCAB, SEQ, BATCH, PATTERN = 128, 24, 2, "M*M-E"
-MAMBA_PARAMS = ("mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.conv1d.weight", "mixer.norm.weight",
+MAMBA_PARAMS = ("mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.conv1d.weight", "mixer.conv1d_weight",  # <0.19 | 0.19+
+                "mixer.norm.weight",
                 "mixer.in_proj.weight", "mixer.out_proj.weight")
 
 

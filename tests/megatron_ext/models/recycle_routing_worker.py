@@ -41,12 +41,12 @@ def make_config(topk: int, mode: str):
 
 
 def build_layer(topk: int, mode: str):
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron_ext.mcore_compat import build_spec
 
     from megatron_ext.models.recycle_routing import moe_module_spec
 
     config = make_config(topk, mode)
-    layer = build_module(moe_module_spec(config, mode), config=config)
+    layer = build_spec(moe_module_spec(config, mode), config=config)
     layer.set_layer_number(1)
     return layer
 

@@ -1,41 +1,12 @@
-"""Grouped-GEMM experts (torch._grouped_mm behind megatron-core's GroupedMLP) compute SequentialMLP's
-numbers and read its checkpoints. The bf16 GPU comparison and timing: benchmarks/grouped_experts.py."""
+"""Grouped-GEMM experts (TorchGroupedMLP on torch._grouped_mm) compute SequentialMLP's numbers and
+read its checkpoints. The bf16 GPU comparison and timing: benchmarks/grouped_experts.py."""
 
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
 WORKER = Path(__file__).with_name("grouped_experts_worker.py")
-
-
-def test_gmm_is_a_per_expert_matmul():
-    from megatron_ext.models.grouped_experts import gmm
-
-    g = torch.Generator().manual_seed(0)
-    sizes = torch.tensor([3, 0, 5, 2])                    # an expert without tokens too
-    a = torch.randn(int(sizes.sum()), 8, generator=g)
-    b = torch.randn(4, 8, 12, generator=g)   # torch._grouped_mm: 16-byte row strides
-    starts = [0, *torch.cumsum(sizes, 0).tolist()]
-    expected = torch.cat([a[s:e].double() @ b[i].double() for i, (s, e) in enumerate(zip(starts, starts[1:]))])
-    torch.testing.assert_close(gmm(a, b, sizes).double(), expected, rtol=1e-5, atol=1e-5)
-    bt = b.transpose(1, 2).contiguous()                   # (experts, n, k) with trans_b
-    torch.testing.assert_close(gmm(a, bt, sizes, trans_b=True).double(), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_an_installed_grouped_gemm_package_is_kept_and_used(monkeypatch):
-    import types
-
-    from megatron.core.transformer.moe import grouped_gemm_util
-
-    from megatron_ext.models import grouped_experts
-
-    package = types.SimpleNamespace(ops=types.SimpleNamespace(gmm=lambda *a, **k: None))
-    monkeypatch.setattr(grouped_gemm_util, "grouped_gemm", package)
-    monkeypatch.setattr(grouped_gemm_util, "ops", package.ops)
-    assert grouped_experts.install() is True
-    assert grouped_gemm_util.ops is package.ops            # the real package's kernels, not the stand-in
 
 
 def test_cpu_keeps_sequential_experts_and_names_unsupported_configs():
@@ -62,8 +33,8 @@ def test_grouped_mlp_matches_sequential_mlp_from_its_checkpoint(tmp_path, torchr
     torchrun(WORKER, tmp_path, out, nproc=nproc)
     got = json.loads(out.read_text())
     assert got["world"] == nproc                                  # nproc 2: two experts per rank (EP2)
-    assert got["modules"] == ["SequentialMLP", "GroupedMLP"]
-    assert got["round_trip"] == 0.0          # GroupedMLP's checkpoint loads back into SequentialMLP
+    assert got["modules"] == ["SequentialMLP", "TorchGroupedMLP"]
+    assert got["round_trip"] == 0.0          # the grouped checkpoint loads back into SequentialMLP
     # one rank holds every expert: the grouped layer permutes without host syncs; EP2 keeps megatron's
     fast = ["MoEAllGatherTokenDispatcher", "DroplessAllGatherDispatcher"]
     assert got["dispatchers"] == (fast if nproc == 1 else ["MoEAllGatherTokenDispatcher"] * 2)
@@ -84,12 +55,21 @@ def test_grouped_mlp_matches_sequential_mlp_from_its_checkpoint(tmp_path, torchr
     assert max(bf16["out"], bf16["grad"]) < 3e-2 * fp32["out_scale"], bf16
 
 
+def test_expert_tensor_parallel_checkpoints_hold_sequential_mlps_tensors(tmp_path, torchrun):
+    out = tmp_path / "tp.json"
+    torchrun(WORKER, tmp_path, out, "tp", nproc=2)
+    got = json.loads(out.read_text())
+    assert got["module"] == "TorchGroupedMLP"
+    assert got["weight1_shape"] == [4, 48, 32]          # 4 experts x (2 SwiGLU halves x 48 / TP2) x hidden
+    assert got["into_grouped"] == 0.0 and got["round_trip"] == 0.0, got
+
+
 def test_resume_with_the_other_expert_module_is_refused_clearly(tmp_path):
     from megatron_ext.checkpointing import check_same_expert_module
     from megatron_ext.errors import ConfigError
 
-    for same in (("GroupedMLP", "GroupedMLP"), (None, "SequentialMLP"), ("SequentialMLP", None)):
+    for same in (("TorchGroupedMLP", "TorchGroupedMLP"), (None, "SequentialMLP"), ("SequentialMLP", None)):
         check_same_expert_module(tmp_path, *same)        # same kind, old checkpoint, or no MoE here
-    with pytest.raises(ConfigError, match="saved with GroupedMLP experts; this run builds SequentialMLP") as err:
-        check_same_expert_module(tmp_path, "GroupedMLP", "SequentialMLP")
+    with pytest.raises(ConfigError, match="saved with TorchGroupedMLP experts; this run builds SequentialMLP") as err:
+        check_same_expert_module(tmp_path, "TorchGroupedMLP", "SequentialMLP")
     assert f"init_from={tmp_path}" in str(err.value)

@@ -1,0 +1,83 @@
+"""The differences between the megatron-core releases we support, in one place.
+
+Supported: 0.19.x (Python >= 3.12; what CI and the GPU benchmarks run) and 0.16.1 (the last release for
+Python 3.11; a smoke subset in CI). Code elsewhere asks here instead of testing versions itself.
+
+- 0.17 passes ``name=`` (the module's dotted path) to every module it builds from a spec; 0.16's
+  modules do not accept it. Our modules take it and hand it on with :func:`name_kwargs`.
+- 0.17 turned the MoE spec into ``functools.partial(MoELayer, submodules=...)`` (a ``ModuleSpec``
+  before): :func:`moe_submodules`, :func:`build_spec`.
+- 0.18 renamed ``MambaModel`` / ``mamba_stack_spec`` / ``hybrid_override_pattern`` to ``HybridModel`` /
+  ``hybrid_stack_spec`` / ``hybrid_layer_pattern``: :func:`hybrid_model_class`, :func:`hybrid_model_kwargs`.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from packaging.version import Version
+
+MCORE_VERSION = Version(metadata.version("megatron-core"))
+#: megatron-core >= 0.17: modules get ``name=``, specs may be builders (partials), HybridModel (0.18).
+MCORE_017 = MCORE_VERSION >= Version("0.17.0")
+
+
+def name_kwargs(name: str | None) -> dict:
+    """``{"name": name}`` for a megatron-core base class that takes it (0.17+), else nothing."""
+    return {"name": name} if name is not None and MCORE_017 else {}
+
+
+def moe_submodules(spec):
+    """The ``MoESubmodules`` of a MoE spec: a ``ModuleSpec`` (0.16) or a ``partial`` (0.17+)."""
+    return spec.keywords["submodules"] if hasattr(spec, "keywords") else spec.submodules
+
+
+def hybrid_model_class():
+    """``HybridModel`` (0.18+) or ``MambaModel`` (0.16)."""
+    try:
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+    except ImportError:
+        from megatron.core.models.mamba import MambaModel as HybridModel
+    return HybridModel
+
+
+def hybrid_model_kwargs(stack_spec, layer_pattern: str) -> dict:
+    """The stack spec and layer pattern under the keyword names of this megatron-core."""
+    if hybrid_model_class().__name__ == "HybridModel":
+        return {"hybrid_stack_spec": stack_spec, "hybrid_layer_pattern": layer_pattern}
+    return {"mamba_stack_spec": stack_spec, "hybrid_override_pattern": layer_pattern}
+
+
+def build_spec(spec, *args, **kwargs):
+    """Build a module from a spec: a ``ModuleSpec`` or class (``build_module``), or a builder such as
+    0.17+'s ``partial(MoELayer, submodules=...)`` (called)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    if isinstance(spec, (ModuleSpec, type)):
+        return build_module(spec, *args, **kwargs)
+    return spec(*args, **kwargs)
+
+
+#: Parameters megatron-core renamed in the module tree but not in checkpoints: 0.19 made Mamba's conv
+#: bare parameters, still checkpointed under the ``conv1d.weight`` / ``conv1d.bias`` keys. Our formats
+#: (HF adapters, layer reader / writer) use the checkpoint names.
+_RENAMED_PARAMS = ((".conv1d_weight", ".conv1d.weight"), (".conv1d_bias", ".conv1d.bias"))
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name as checkpoints (and our HF adapters) spell it, whatever the module calls it."""
+    for module_suffix, checkpoint_suffix in _RENAMED_PARAMS:
+        if name.endswith(module_suffix):
+            return name[: -len(module_suffix)] + checkpoint_suffix
+    return name
+
+
+def canonical_state_dict(model) -> dict:
+    """``model.state_dict()`` under :func:`canonical_name` names, without ``_extra_state`` entries."""
+    return {canonical_name(k): v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def load_canonical_state_dict(model, state: dict, strict: bool = True):
+    """``model.load_state_dict`` of a state dict under :func:`canonical_name` names."""
+    by_canonical = {canonical_name(k): k for k in model.state_dict()}
+    return model.load_state_dict({by_canonical.get(k, k): v for k, v in state.items()}, strict=strict)
