@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
+    """HEAD, or ``$TURBOLASER_COMMIT`` where set (the device tool's copy of the tree can lag HEAD)."""
+    if os.environ.get("TURBOLASER_COMMIT"):
+        return os.environ["TURBOLASER_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()

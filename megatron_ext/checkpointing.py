@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.errors import ConfigError
+from megatron_ext.mcore_compat import async_save_kwargs
 
 LATEST_FILE = "latest"
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -152,7 +153,9 @@ def _mark_latest(root: Path, path: Path, keep_last: int | None) -> None:
 class AsyncCheckpointWriter:
     """megatron-core's asynchronous ``dist_checkpointing`` save, with our "latest" commit.
 
-    ``schedule`` copies the state to host memory and forks a writer process; :meth:`finalize` (called
+    megatron-core's own writer (0.19 defaults to nvidia-resiliency-ext's, which it does not install:
+    :func:`~megatron_ext.mcore_compat.async_save_kwargs`). ``schedule`` copies the state to host memory
+    and forks a writer process; :meth:`finalize` (called
     by the trainer every step, and blocking before it exits) checks collectively whether every rank's
     writer finished, then runs megatron-core's finalization (the checkpoint metadata) and marks the
     checkpoint latest. A kill before that leaves the previous checkpoint latest. The writer reports
@@ -171,7 +174,7 @@ class AsyncCheckpointWriter:
     def schedule(self, state: dict, path: Path, commit) -> None:
         from megatron.core import dist_checkpointing
 
-        request = dist_checkpointing.save(state, str(path), async_sharded_save=True)
+        request = dist_checkpointing.save(state, str(path), async_sharded_save=True, **async_save_kwargs())
         request.add_finalize_fn(commit)
         self._queue.schedule_async_request(request)
 

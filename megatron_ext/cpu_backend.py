@@ -1,4 +1,4 @@
-"""Run megatron-core 0.16.1 on a CPU-only torch (gloo, fp32).
+"""Run megatron-core (0.16.1 and 0.19.x) on a CPU-only torch (gloo, fp32).
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the maths. This module
 removes those assumptions and nothing else, so every CPU run executes megatron-core's real code paths
@@ -22,7 +22,7 @@ Patches, each with why:
    tensor-parallel, expert-parallel) as CPU generator states, forked with ``torch.get/set_rng_state``.
    Activation recomputation (``CheckpointFunction``) saves and restores the CPU state, the tracker's
    states and "the CUDA state"; on CPU the last does not exist, so its get/set become no-ops.
-5. **MoE without TE** and **Mamba2 without mamba_ssm**: see :mod:`megatron_ext.te_compat` and
+5. **MoE without TE** and **Mamba2 without mamba_ssm**: see :func:`megatron_ext.mcore_compat.bind_missing_te_names` and
    :mod:`megatron_ext.models.mamba_torch` (both applied on GPUs too, when those libraries are absent).
 
 Settings a CPU config must also use (set by :mod:`megatron_ext.model_config`):
@@ -287,10 +287,10 @@ def is_enabled() -> bool:
 def enable_if_needed() -> bool:
     """Apply the CPU patches when CUDA is absent; idempotent. Returns whether the backend is active."""
     global _ENABLED
-    from megatron_ext import te_compat
+    from megatron_ext import mcore_compat
     from megatron_ext.models import mamba_torch
 
-    te_compat.apply()
+    mcore_compat.bind_missing_te_names()
     mamba_torch.apply()  # before the loop below imports mamba_mixer (it needs triton or the stand-in)
     if torch.cuda.is_available() or _ENABLED:
         return _ENABLED

@@ -27,6 +27,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_ext.mcore_compat import inference_mode
+
 log = logging.getLogger(__name__)
 
 WARMUP_RUNS = 2   # eager runs before capturing: lazy initialisation and TorchScript's profiling runs
@@ -86,7 +88,9 @@ def static_reason(chunks) -> str | None:
 
 def _stateful_layers(model) -> list[int]:
     """Layer numbers whose inference cache entries a step advances in place (Mamba conv / SSM states)."""
-    return [m.layer_number for m in model.modules() if type(m).__name__ == "MambaMixer"]
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    return [m.layer_number for m in model.modules() if isinstance(m, MambaMixer)]
 
 
 def graph_reason(chunks) -> str | None:
@@ -125,7 +129,9 @@ class DecodeStep:
         self.logits: torch.Tensor | None = None
 
     def _forward(self) -> torch.Tensor:
-        return self.model(self.tokens, self.positions, None, inference_context=self.ctx, runtime_gather_output=True)
+        with inference_mode():
+            return self.model(self.tokens, self.positions, None, inference_context=self.ctx,
+                              runtime_gather_output=True)
 
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [b, 1, V] of feeding ``tokens`` [b, 1] at ``position``; with capture, a buffer the

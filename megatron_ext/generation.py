@@ -45,6 +45,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_ext import decode_graph
 from megatron_ext.errors import ConfigError
+from megatron_ext.mcore_compat import inference_mode
 from megatron_ext.models.recycle_routing import dropless_routing
 
 
@@ -155,7 +156,8 @@ def _pipeline_forward(chunks, tokens: torch.Tensor, position_ids: torch.Tensor,
     rank and each non-last chunk sends to the next."""
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if pp == 1 and len(chunks) == 1:
-        return chunks[0](tokens, position_ids, None, inference_context=ctx, runtime_gather_output=True)
+        with inference_mode():
+            return chunks[0](tokens, position_ids, None, inference_context=ctx, runtime_gather_output=True)
     batch, seq = tokens.shape
     logits = None
     for chunk in chunks:
@@ -163,7 +165,8 @@ def _pipeline_forward(chunks, tokens: torch.Tensor, position_ids: torch.Tensor,
             hidden = torch.empty(seq, batch, hidden_size, dtype=dtype, device=tokens.device)
             dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
             chunk.set_input_tensor(hidden)
-        out = chunk(tokens, position_ids, None, inference_context=ctx, runtime_gather_output=True)
+        with inference_mode():
+            out = chunk(tokens, position_ids, None, inference_context=ctx, runtime_gather_output=True)
         if chunk.post_process:
             logits = out
         else:

@@ -7,12 +7,19 @@ Python 3.11; a smoke subset in CI). Code elsewhere asks here instead of testing 
   modules do not accept it. Our modules take it and hand it on with :func:`name_kwargs`.
 - 0.17 turned the MoE spec into ``functools.partial(MoELayer, submodules=...)`` (a ``ModuleSpec``
   before): :func:`moe_submodules`, :func:`build_spec`.
+- 0.16's ``moe_utils`` leaves ``te_general_gemm`` and the ``fused_*`` kernels unbound without
+  Transformer Engine (NameError in the router); 0.19 binds them to None itself: :func:`bind_missing_te_names`.
+- 0.19 serves a static inference context's Mamba states and last-token logits only under its
+  process-wide ``InferenceMode`` flag (0.16: whenever a context is passed): :func:`inference_mode`.
+- 0.19's asynchronous checkpoint save defaults to nvidia-resiliency-ext's writer, which it does not
+  depend on; ours is megatron-core's own, with its own queue: :func:`async_save_kwargs`.
 - 0.18 renamed ``MambaModel`` / ``mamba_stack_spec`` / ``hybrid_override_pattern`` to ``HybridModel`` /
   ``hybrid_stack_spec`` / ``hybrid_layer_pattern``: :func:`hybrid_model_class`, :func:`hybrid_model_kwargs`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 
 from packaging.version import Version
@@ -81,3 +88,44 @@ def load_canonical_state_dict(model, state: dict, strict: bool = True):
     """``model.load_state_dict`` of a state dict under :func:`canonical_name` names."""
     by_canonical = {canonical_name(k): k for k in model.state_dict()}
     return model.load_state_dict({by_canonical.get(k, k): v for k, v in state.items()}, strict=strict)
+
+
+_MISSING_WHEN_NO_TE = (
+    "te_general_gemm", "fused_moe_aux_loss", "fused_permute", "fused_permute_with_probs", "fused_unpermute",
+    "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs", "fused_topk_with_score_function",
+    "fused_compute_score_for_moe_aux_loss",
+)
+
+
+def bind_missing_te_names() -> list[str]:
+    """megatron-core 0.16 without TE: bind the names TE would have provided to None, which selects
+    megatron-core's own pure-torch fallbacks (what its ``is None`` checks intend). Returns the names
+    bound; none on 0.19, which does this itself. Needed on CPU and on GPUs without TE alike."""
+    from megatron.core.transformer.moe import moe_utils
+
+    bound = [name for name in _MISSING_WHEN_NO_TE if not hasattr(moe_utils, name)]
+    for name in bound:
+        setattr(moe_utils, name, None)
+    return bound
+
+
+def inference_mode():
+    """Context for forward passes with an inference context (generation): megatron-core 0.19's
+    ``InferenceMode.active()`` (without it, Mamba layers neither read nor advance their cached states),
+    a no-op on 0.16."""
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:
+        return contextlib.nullcontext()
+    return InferenceMode.active()
+
+
+def async_save_kwargs() -> dict:
+    """``dist_checkpointing.save(..., async_sharded_save=True, **this)``: megatron-core's own async writer
+    (the one ``strategies.async_utils.AsyncCallsQueue`` finalizes), named explicitly where 0.19 would
+    pick nvidia-resiliency-ext's."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}

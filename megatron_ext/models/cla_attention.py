@@ -69,7 +69,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import deprecate_inference_params, get_pg_rank
 from torch import Tensor
 
-from megatron_ext.mcore_compat import name_kwargs
+from megatron_ext.mcore_compat import inference_mode, name_kwargs
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.norms import SequenceParallelTorchNorm
 from megatron_ext.models.sdpa_attention import FastSpecProvider
@@ -746,7 +746,8 @@ def cla_generate_greedy(model, tokens: Tensor, num_new_tokens: int, use_cache: b
         else:
             inp, start = out, 0
         position_ids = torch.arange(start, start + inp.size(1), device=out.device).expand(batch, -1)
-        logits = model(inp, position_ids, None, inference_context=ctx, runtime_gather_output=True)
+        with inference_mode():
+            logits = model(inp, position_ids, None, inference_context=ctx, runtime_gather_output=True)
         if use_cache:
             ctx.sequence_len_offset += inp.size(1)
             ctx.enable_decode_mode()

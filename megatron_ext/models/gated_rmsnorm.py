@@ -73,5 +73,9 @@ class GatedRMSNorm(torch.nn.Module):
         torch.nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        if z is not None and z.shape != x.shape and z.numel() == x.numel():
+            # megatron-core 0.19's torch decode step passes the gate with its sequence axis squeezed
+            # and x with it restored ((b, d) vs (b, 1, d)): pair them element for element
+            z = z.view_as(x)
         return gated_rms_norm(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
                               norm_before_gate=self.norm_before_gate)

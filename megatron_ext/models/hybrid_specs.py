@@ -88,7 +88,9 @@ def hybrid_stack_spec(config: TransformerConfig, mamba_chunk_size: int = 128,
     ``moe_routing_mode`` is the MoE layers' routing (see :mod:`megatron_ext.models.recycle_routing`).
     """
     mamba_torch.apply()  # before importing mamba_mixer: it needs triton or the stand-in
-    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
+
+    from megatron_ext.models.mamba_static_decode import static_decode_mixer_class
 
     backend = FastSpecProvider(config)   # local modules; SDPA core attention on GPUs
     mamba_layer = ModuleSpec(
@@ -96,7 +98,7 @@ def hybrid_stack_spec(config: TransformerConfig, mamba_chunk_size: int = 128,
         submodules=MambaLayerSubmodules(
             norm=SequenceParallelTorchNorm,
             mixer=ModuleSpec(
-                module=MambaMixer,
+                module=static_decode_mixer_class(),   # MambaMixer, batch-major static decode steps
                 params={"chunk_size": mamba_chunk_size},
                 submodules=MambaMixerSubmodules(
                     in_proj=backend.column_parallel_linear(), out_proj=backend.row_parallel_linear()

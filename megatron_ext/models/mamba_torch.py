@@ -295,6 +295,12 @@ def apply() -> bool:
     _register_triton_free_tensor_ops()
     from megatron.core.ssm import mamba_mixer
 
+    if not torch.cuda.is_available():
+        # megatron-core 0.19's decode step calls its own Triton kernels (conv update, SSM state update)
+        # and falls back to torch when they are None: the only way without a GPU
+        for name in ("causal_conv1d_update", "selective_state_update"):
+            if getattr(mamba_mixer, name, None) is not None:
+                setattr(mamba_mixer, name, None)
     if mamba_mixer.HAVE_MAMBA_SSM:
         if mamba_mixer.causal_conv1d_fn is None:
             _bind_torch_conv_for_triton(mamba_mixer)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_ext import distributed
+from megatron_ext.mcore_compat import inference_mode
 from megatron_ext.quiet import quiet_known_warnings
 
 VOCAB = 128
@@ -297,7 +298,8 @@ def check_generation(model, plain, result):
         for chunk in (3, 3, 1, 1, 1):
             inp = seq[:, start:start + chunk]
             pos = torch.arange(start, start + chunk).expand(BATCH, -1)
-            step = model(inp, pos, None, inference_context=ctx, runtime_gather_output=True)
+            with inference_mode():
+                step = model(inp, pos, None, inference_context=ctx, runtime_gather_output=True)
             diffs.append(max_diff(step[:, -1], full[:, start + chunk - 1]))
             ctx.sequence_len_offset += chunk
             start += chunk
@@ -306,8 +308,9 @@ def check_generation(model, plain, result):
 
     ctx_plain = StaticInferenceContext(BATCH, 8)
     with torch.no_grad():
-        plain(prompt, torch.arange(5).expand(BATCH, -1), None, inference_context=ctx_plain,
-              runtime_gather_output=True)
+        with inference_mode():
+            plain(prompt, torch.arange(5).expand(BATCH, -1), None, inference_context=ctx_plain,
+                  runtime_gather_output=True)
     result["plain_cache_bytes_per_token"], result["plain_cache_entries"] = cache_bytes_per_token(ctx_plain)
 
 

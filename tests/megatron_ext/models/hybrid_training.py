@@ -114,19 +114,22 @@ def static_decode_vs_full_forward(prefill: int = 10) -> float:
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
+    from megatron_ext.mcore_compat import inference_mode
+
     model = build(tp=1, mem_eff_path=True, pattern="M-M").eval()
     inputs, _, positions = fixed_batch()
     with torch.no_grad():
         full = model(inputs, positions, attention_mask=None)
         ctx = StaticInferenceContext(max_batch_size=BATCH, max_sequence_length=SEQ)
-        step = model(inputs[:, :prefill], positions[:, :prefill], attention_mask=None, inference_context=ctx,
-                     runtime_gather_output=True)
-        diffs = [(step[:, -1] - full[:, prefill - 1]).abs().max().item()]
-        for t in range(prefill, SEQ):
-            ctx.sequence_len_offset = t
-            step = model(inputs[:, t : t + 1], positions[:, t : t + 1], attention_mask=None,
-                         inference_context=ctx, runtime_gather_output=True)
-            diffs.append((step[:, -1] - full[:, t]).abs().max().item())
+        with inference_mode():   # megatron-core 0.19 keeps Mamba states only in inference mode
+            step = model(inputs[:, :prefill], positions[:, :prefill], attention_mask=None, inference_context=ctx,
+                         runtime_gather_output=True)
+            diffs = [(step[:, -1] - full[:, prefill - 1]).abs().max().item()]
+            for t in range(prefill, SEQ):
+                ctx.sequence_len_offset = t
+                step = model(inputs[:, t : t + 1], positions[:, t : t + 1], attention_mask=None,
+                             inference_context=ctx, runtime_gather_output=True)
+                diffs.append((step[:, -1] - full[:, t]).abs().max().item())
     return max(diffs)
 
 
