@@ -92,14 +92,15 @@ def _frozen(model_cfg: Mapping) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _parameter_names(model_json: str) -> tuple[str, ...]:
-    """Our single-process model's parameter names (built on the meta device; needs the process group
-    of ``checkpoint_layers.single_process``)."""
+    """Our single-process model's parameter names, spelt as checkpoints spell them (built on the meta
+    device; needs the process group of ``checkpoint_layers.single_process``)."""
     import json
 
     from megatron_ext.hf.checkpoint_layers import build_single
+    from megatron_ext.mcore_compat import canonical_name
 
     model = build_single(json.loads(model_json), 128)
-    return tuple(k for k in model.state_dict() if not k.endswith("_extra_state"))
+    return tuple(canonical_name(k) for k in model.state_dict() if not k.endswith("_extra_state"))
 
 
 FORMATS = {f.family: f for f in (RemoteFormat("hunyuan_moe", "turbolaser_hunyuan", "TurbolaserHunyuan"),
