@@ -90,11 +90,20 @@ def datasheet_bf16_tflops(device_name: str) -> float | None:
     return None
 
 
+def gpu_kind(device_name: str) -> str:
+    """``h100`` for "NVIDIA H100 80GB HBM3", ``h200`` for "NVIDIA H200": the model number when the name
+    has one, else its last word."""
+    import re
+
+    match = re.search(r"\b([A-Z]+\d{2,4}[A-Za-z]*)\b", device_name.removeprefix("NVIDIA "))
+    return (match.group(1) if match else device_name.split()[-1]).lower()
+
+
 def gpu_result_path(stem: str) -> Path:
-    """``benchmarks/results/<stem>_<device>.json``, e.g. ``attention_kernels_h200.json``."""
+    """``benchmarks/results/<stem>_<gpu kind>.json``, e.g. ``attention_kernels_h200.json``."""
     import torch
 
-    return REPO / "benchmarks" / "results" / f"{stem}_{torch.cuda.get_device_name().split()[-1].lower()}.json"
+    return REPO / "benchmarks" / "results" / f"{stem}_{gpu_kind(torch.cuda.get_device_name())}.json"
 
 
 def cuda_seconds(fn) -> float:

@@ -15,6 +15,15 @@ Python 3.11; a smoke subset in CI). Code elsewhere asks here instead of testing 
   depend on; ours is megatron-core's own, with its own queue: :func:`async_save_kwargs`.
 - 0.18 renamed ``MambaModel`` / ``mamba_stack_spec`` / ``hybrid_override_pattern`` to ``HybridModel`` /
   ``hybrid_stack_spec`` / ``hybrid_layer_pattern``: :func:`hybrid_model_class`, :func:`hybrid_model_kwargs`.
+- 0.19 made Mamba's conv bare parameters (``conv1d_weight``), checkpointed under the old
+  ``conv1d.weight`` keys: :func:`canonical_name` and friends.
+
+Handled where they arise (each says so): 0.17 dropped the non-TE ``GroupedMLP`` and changed
+``grouped_mlp_modules``' return type (``models.grouped_experts.TorchGroupedMLP``,
+``models.sdpa_attention.FastSpecProvider``); routers take extra keywords (``RecycleRouter``); 0.19's
+linear backward reads ``ctx.gtp_remat_size`` (``models.tp_comm_overlap``); 0.19 dropped the load
+strategy base class (``hf.checkpoint_layers``); 0.19's static-batching Mamba decode step reads its
+input batch-major (``models.mamba_static_decode``).
 """
 
 from __future__ import annotations

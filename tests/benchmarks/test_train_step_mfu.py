@@ -286,3 +286,11 @@ def test_both_mfu_figures_and_the_datasheet_table():
     assert got["mfu_datasheet"] == pytest.approx(400 / 989.4) and got["datasheet_peak_tflops"] == 989.4
     assert got["mfu_measured_peak"] == got["mfu"] == pytest.approx(400 / 790)
     assert mfu.mfu_figures(400.0, 790.0, "Some Future GPU")["mfu_datasheet"] is None
+
+
+def test_result_files_are_named_for_the_gpu_kind():
+    from benchmarks.run_record import gpu_kind
+
+    assert gpu_kind("NVIDIA H100 80GB HBM3") == "h100"   # not "hbm3", the name's last word
+    assert gpu_kind("NVIDIA H200") == "h200"
+    assert gpu_kind("NVIDIA H100 PCIe") == "h100"
