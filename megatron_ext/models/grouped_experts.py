@@ -87,12 +87,15 @@ class TorchGroupedMLP(MegatronModule):
         self.weight1 = torch.nn.Parameter(torch.empty(num_local_experts, fc1_out, config.hidden_size, **kw))
         self.weight2 = torch.nn.Parameter(torch.empty(num_local_experts, config.hidden_size, ffn, **kw))
         if config.perform_initialization:
-            # each expert drawn as its own matrix, on the expert-parallel RNG stream (as SequentialMLP's
-            # linears are), so experts on different EP ranks differ
+            # each expert drawn as its own fp32 matrix (as megatron-core's CPU initialisation draws its
+            # master weights: drawing bf16 directly on the host is many times slower), on the
+            # expert-parallel RNG stream as SequentialMLP's linears are, so experts on EP ranks differ
             with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
-                for e in range(num_local_experts):
-                    config.init_method(self.weight1.data[e])
-                    config.output_layer_init_method(self.weight2.data[e])
+                for weight, init in ((self.weight1, config.init_method), (self.weight2, config.output_layer_init_method)):
+                    for e in range(num_local_experts):
+                        master = torch.empty(weight.shape[1:], dtype=torch.float32, device=weight.device)
+                        init(master)
+                        weight.data[e].copy_(master)
         for p in (self.weight1, self.weight2):
             # megatron-core's DDP keeps expert-parallel parameters out of the data-parallel all-reduce
             p.allreduce = self.ep_group.size() == 1
