@@ -87,7 +87,7 @@ def step_if_finite(optimizer) -> tuple[bool, float | None]:
         params = opt.get_parameters()
         if params:
             clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
-                                         use_decoupled_grad=opt.config.use_precision_aware_optimizer)
+                                         use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
     return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
