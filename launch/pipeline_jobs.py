@@ -180,7 +180,7 @@ def plan_stage(run_dir: Path, cfg: DictConfig, name: str, write: bool = True) ->
     return StagePlan(name, sdir, start_from, None)
 
 
-# ---- torchrun on this node -------------------------------------------------------------------------
+# ---- torchrun (or the single worker) on this node ---------------------------------------------------
 
 @dataclass(frozen=True)
 class Rendezvous:
@@ -238,10 +238,28 @@ def torchrun_command(sdir: Path, parallel: DictConfig, cluster: DictConfig, rdzv
     ]
 
 
-def worker_env(parallel: DictConfig, cluster: DictConfig) -> dict[str, str]:
+def single_process(parallel: DictConfig, rdzv: Rendezvous) -> bool:
+    """One rank in all: the worker needs no torchrun to start it or other ranks to meet."""
+    return rdzv.nnodes == 1 and int(parallel.nproc_per_node) == 1
+
+
+def stage_command(sdir: Path, parallel: DictConfig, cluster: DictConfig, rdzv: Rendezvous) -> list[str]:
+    """The command that runs this node's ranks of a stage: torchrun, or for a single process the
+    worker itself (torchrun's agent would cost a second Python and torch import per stage, and has
+    no other rank to watch; the launcher forwards preemption signals to the worker either way)."""
+    if single_process(parallel, rdzv):
+        return [sys.executable, "-m", "launch.stage_worker", str(sdir)]
+    return torchrun_command(sdir, parallel, cluster, rdzv)
+
+
+def worker_env(parallel: DictConfig, cluster: DictConfig, rdzv: Rendezvous | None = None) -> dict[str, str]:
     """The ranks' environment: the cluster's variables (NCCL, CUDA), the repository importable, and
-    the node's cores shared between its ranks unless OMP_NUM_THREADS is set."""
+    the node's cores shared between its ranks unless OMP_NUM_THREADS is set. A single process started
+    without torchrun (``rdzv`` given, :func:`single_process`) gets the variables torchrun would set."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if rdzv is not None and single_process(parallel, rdzv):
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
+                   MASTER_ADDR=rdzv.master_addr, MASTER_PORT=str(rdzv.master_port))
     env.update({str(k): str(v) for k, v in (cluster.get("env") or {}).items()})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     if "OMP_NUM_THREADS" not in env:
@@ -262,13 +280,13 @@ def _copy_output(pipe, log_file) -> None:
 def _launch(sdir: Path, name: str, cfg: DictConfig) -> Rendezvous:
     """Run this node's ranks of one stage, streaming their output to the console and logs/."""
     rdzv = rendezvous(cfg.parallel, cfg.cluster)
-    cmd = torchrun_command(sdir, cfg.parallel, cfg.cluster, rdzv)
+    cmd = stage_command(sdir, cfg.parallel, cfg.cluster, rdzv)
     suffix = f"-node{rdzv.node_rank}" if rdzv.nnodes > 1 else ""
     log_path = sdir / "logs" / f"worker{suffix}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=worker_env(cfg.parallel, cfg.cluster))
+                                env=worker_env(cfg.parallel, cfg.cluster, rdzv))
         reader = threading.Thread(target=_copy_output, args=(proc.stdout, log), daemon=True)
         reader.start()
         # a preemption notice to this process goes to the stage, which checkpoints and exits

@@ -1,7 +1,7 @@
 """The local pipeline runner: prepares data once, runs ``pipeline.order`` stage by stage, then
 writes ``summary.txt`` and ``report.md``.
 
-Each stage runs as its own torchrun job in ``<run_dir>/<NN>_<stage>/`` and hands its final checkpoint
+Each stage runs as its own job (torchrun, or one worker process for a single rank) in ``<run_dir>/<NN>_<stage>/`` and hands its final checkpoint
 to the next. Re-running the same command skips stages whose manifest says ``complete`` and resumes an
 unfinished one from its latest checkpoint. A finished stage is never re-run or overwritten: if the
 config that defines it changed, the runner stops and says what changed.
@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from launch.pipeline_jobs import (StageFailed, StagePreempted, finish, log, prepare, rendezvous, run_stage,
-                                  torchrun_command, write_pipeline)
+                                  stage_command, write_pipeline)
 from megatron_ext import manifest
 from megatron_ext.quiet import quiet_known_warnings
 from megatron_ext.stage import stage_dir
@@ -35,7 +35,7 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
 
 
 def describe_pipeline(cfg: DictConfig) -> None:
-    """``--dry-run``: what each stage would do and the torchrun command it would get; writes nothing."""
+    """``--dry-run``: what each stage would do and the command it would get; writes nothing."""
     run_dir = Path(cfg.run_dir).resolve()
     print(f"run folder {run_dir}\ndata: prepared into {run_dir / 'data'} (reused when already prepared)")
     for index, name in enumerate(cfg.pipeline.order):
@@ -43,5 +43,5 @@ def describe_pipeline(cfg: DictConfig) -> None:
         existing = manifest.read(sdir)
         state = ("complete: skipped" if existing and existing["status"] == manifest.COMPLETE
                  else "unfinished: resumes" if existing else "starts")
-        cmd = torchrun_command(sdir, cfg.parallel, cfg.cluster, rendezvous(cfg.parallel, cfg.cluster))
+        cmd = stage_command(sdir, cfg.parallel, cfg.cluster, rendezvous(cfg.parallel, cfg.cluster))
         print(f"{sdir.name} ({cfg.stages[name].kind}, {state}): {shlex.join(cmd)}")

@@ -1,4 +1,6 @@
-"""One rank of one stage: ``torchrun ... -m launch.stage_worker <stage_dir>``.
+"""One rank of one stage: ``torchrun ... -m launch.stage_worker <stage_dir>``, or for a single-process
+stage ``python -m launch.stage_worker <stage_dir>`` with torchrun's variables set by the launcher
+(``launch.pipeline_jobs.stage_command``).
 
 Reads the resolved config the runner wrote to ``<stage_dir>/config.yaml`` (paths inside the run
 folder, the stage folder's parent, relative to it), starts the process groups, runs the stage, and

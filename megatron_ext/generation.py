@@ -10,7 +10,9 @@ inference paths (attention's cache, our CLA layers' one-cache-per-group, Mamba's
 Batching as megatron's static engine does it: prompts of different lengths share one context; the
 shortest prompt length is encoded at once (prefill), then one position per step, and a row still inside
 its prompt is fed its next prompt token instead of a sample. No padding ever enters a row's state,
-which matters for Mamba (a left pad would flow into its recurrent state).
+which matters for Mamba (a left pad would flow into its recurrent state). Prompts are batched in order
+of length (results come back in request order), so the rows of a batch reach their first sampled token
+within a few steps of each other instead of the shortest one waiting out the longest one's prompt.
 
 Layouts: TP ranks compute the same gathered logits; the tokens are sampled on tensor rank 0 of the last
 pipeline stage and broadcast, so every rank feeds the same tokens. Pipeline stages (and virtual chunks)
@@ -275,11 +277,13 @@ class Generator:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seed: int = 0) -> list[Generation]:
         """One :class:`Generation` per prompt, in order. Sampling draws from one generator seeded with
-        ``seed``, so a call is reproducible for the same prompts, batch size and layout."""
+        ``seed``, so a call is reproducible for the same prompts, batch size and layout. Batches are
+        made of prompts of similar length (module docstring)."""
         if any(len(p) == 0 for p in prompts):
             raise ConfigError("generation: every prompt needs at least one token (e.g. a BOS or role token)")
         group = _lockstep_group()
         n_batches = _agree(math.ceil(len(prompts) / self.max_batch_size), dist.ReduceOp.MAX, group)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # stable: ties keep their order
         rng = torch.Generator(device=self.device)
         rng.manual_seed(int(seed))
         was_training = [c.training for c in self.chunks]
@@ -290,11 +294,15 @@ class Generator:
         try:
             with dropless_routing(self.chunks), sequence_parallel_disabled(self.chunks):
                 for i in range(n_batches):
-                    batch = [list(p) for p in prompts[i * self.max_batch_size:(i + 1) * self.max_batch_size]]
-                    results.extend(self._generate_batch(batch, params, rng, group))
+                    rows = order[i * self.max_batch_size:(i + 1) * self.max_batch_size]
+                    results.extend(self._generate_batch([list(prompts[r]) for r in rows], params, rng, group))
         finally:
             for c, mode in zip(self.chunks, was_training):
                 c.train(mode)
+        in_order: list[Generation] = [None] * len(prompts)  # type: ignore[list-item]
+        for r, generation in zip(order, results):
+            in_order[r] = generation
+        results = in_order
         self.stats.seconds += time.perf_counter() - t0
         self.stats.requests += len(prompts)
         self.stats.prompt_tokens += sum(len(p) for p in prompts)

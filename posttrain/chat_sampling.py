@@ -8,13 +8,19 @@ stages, which think in user prompts, thinking modes and response text:
   generation continues where training did), an assistant ``prefix`` is appended as text, and the
   response stops at ``[END_OF_TURN]`` (or EOD), which is stripped from the text.
 - :func:`task_accuracy`: greedy answers to held-out synthetic tasks, verified exactly: the number
-  every post-training stage reports before and after it trains.
+  every post-training stage reports before and after it trains. A stage's "before" is its parent's
+  "after" (:func:`parent_task_accuracy`): measured once, by the parent, and read from its manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data_pipelines import special_tokens
 from data_pipelines.chat_format import format_prompt
@@ -104,8 +110,67 @@ def task_accuracy(generator: Generator, tokenizer, tasks: Sequence[Task], thinki
     }
 
 
-def stage_task_accuracy(chunks, tokenizer, vocab_size: int, eval_cfg: Mapping[str, Any], seed: int) -> dict:
-    """:func:`task_accuracy` of a stage's model on its ``eval`` preset."""
+def _plain(value: Any) -> Any:
+    """Nested config values (OmegaConf containers included) as plain dicts and lists."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def accuracy_key(model_cfg: Mapping[str, Any], eval_cfg: Mapping[str, Any], seed: int) -> str:
+    """What a task accuracy depends on besides the weights: the stage's model config (RoPE base,
+    sequence length, ...), the eval preset (tasks, thinking mode, token budget, batch) and the seed."""
+    text = json.dumps({"model": _plain(model_cfg), "eval": _plain(eval_cfg), "seed": int(seed)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_task_accuracy(chunks, tokenizer, vocab_size: int, eval_cfg: Mapping[str, Any], seed: int,
+                        model_cfg: Mapping[str, Any]) -> dict:
+    """:func:`task_accuracy` of a stage's model (built from ``model_cfg``) on its ``eval`` preset;
+    ``measured_with`` is its :func:`accuracy_key`."""
     generator = Generator(chunks, vocab_size, max_batch_size=int(eval_cfg.get("batch_size", 32)))
-    return task_accuracy(generator, tokenizer, eval_tasks(eval_cfg, seed), eval_cfg.get("thinking"),
-                         int(eval_cfg["max_new_tokens"]))
+    result = task_accuracy(generator, tokenizer, eval_tasks(eval_cfg, seed), eval_cfg.get("thinking"),
+                           int(eval_cfg["max_new_tokens"]))
+    return {**result, "measured_with": accuracy_key(model_cfg, eval_cfg, seed)}
+
+
+def parent_task_accuracy(ctx, eval_cfg: Mapping[str, Any]) -> dict | None:
+    """The parent stage's final task accuracy, if it measured exactly what this stage would measure
+    before its first step, else None.
+
+    That is the case when the parent is a stage of this run folder that completed on the checkpoint
+    this stage starts from, and measured it with the same :func:`accuracy_key` (model config, eval
+    preset, seed): greedy answers from the same weights are the same answers, so a stage's "before"
+    is its parent's "after" instead of a second pass over the held-out tasks. A parent that measured
+    another thinking mode, another model config or no accuracy at all (pretraining) gives None."""
+    from megatron_ext import manifest
+
+    if not ctx.parent_checkpoint:
+        return None
+    checkpoint = Path(ctx.parent_checkpoint).resolve()
+    stage_dir = Path(ctx.parent_checkpoint).parents[1]     # <run_dir>/<NN_stage>/checkpoints/iter_*
+    if stage_dir.parent.resolve() != Path(ctx.run_dir).resolve():
+        return None
+    done = manifest.read(stage_dir)
+    if not done or done.get("status") != manifest.COMPLETE or not done.get("checkpoint"):
+        return None
+    if (stage_dir / done["checkpoint"]).resolve() != checkpoint:
+        return None
+    key = accuracy_key(ctx.model_cfg, eval_cfg, int(ctx.cfg.seed))
+    recorded = (done.get("final_metrics") or {}).get("task_accuracy")
+    candidates = [recorded] + (list(recorded.values()) if isinstance(recorded, dict) else [])
+    for candidate in candidates:
+        if isinstance(candidate, dict) and candidate.get("measured_with") == key:
+            return {**candidate, "from_parent": stage_dir.name}
+    return None
+
+
+def initial_task_accuracy(ctx, chunks, tokenizer, vocab_size: int, eval_cfg: Mapping[str, Any]) -> dict:
+    """A stage's accuracy before it trains: its parent's recorded one (:func:`parent_task_accuracy`),
+    else measured on ``chunks`` (the parent's weights)."""
+    return parent_task_accuracy(ctx, eval_cfg) or stage_task_accuracy(
+        chunks, tokenizer, vocab_size, eval_cfg, int(ctx.cfg.seed), ctx.model_cfg)

@@ -27,7 +27,7 @@ from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.stage_training import build_stage_model
-from posttrain.chat_sampling import ChatSampler, sampling_params, stage_task_accuracy
+from posttrain.chat_sampling import ChatSampler, initial_task_accuracy, sampling_params, stage_task_accuracy
 from posttrain.cot_fusion import FusedExample, build_fused_set, fused_to_conversations
 from posttrain.sampled_data import sample_once
 from posttrain.sft_data import build_sft_data, chat_examples, train_sft
@@ -85,10 +85,15 @@ def run(ctx: StageContext) -> StageResult:
                           int(model_cfg.seq_length), tokenizer.pad, st.get("packing"))
 
     def accuracy(chunks) -> dict:
-        return {mode: stage_task_accuracy(chunks, tokenizer, model.vocab_size, {**st.eval, "thinking": mode}, seed)
+        return {mode: stage_task_accuracy(chunks, tokenizer, model.vocab_size, {**st.eval, "thinking": mode}, seed,
+                                          model_cfg)
                 for mode in ("short", "long")}
 
-    outcome, final = train_sft(ctx, tokenizer, model, data, accuracy)
+    def initial_accuracy(chunks) -> dict:
+        return {mode: initial_task_accuracy(ctx, chunks, tokenizer, model.vocab_size, {**st.eval, "thinking": mode})
+                for mode in ("short", "long")}
+
+    outcome, final = train_sft(ctx, tokenizer, model, data, accuracy, initial_accuracy)
     trainer = outcome.trainer
     modes = [e.mode for e in examples]
     return StageResult(

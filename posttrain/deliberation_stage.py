@@ -32,7 +32,7 @@ from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.stage_training import build_stage_model
-from posttrain.chat_sampling import ChatSampler, sampling_params, stage_task_accuracy
+from posttrain.chat_sampling import ChatSampler, initial_task_accuracy, sampling_params, stage_task_accuracy
 from posttrain.cot_fusion import SampleRequest
 from posttrain.deliberation import (JudgePanel, RewardModelJudge, RuleJudge, TrainingRecord, VerifierJudge,
                                     deliberation_round)
@@ -109,9 +109,12 @@ def run(ctx: StageContext) -> StageResult:
                           int(model_cfg.seq_length), tokenizer.pad, st.get("packing"))
 
     def accuracy(chunks) -> dict:
-        return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, seed)
+        return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, seed, model_cfg)
 
-    outcome, final = train_sft(ctx, tokenizer, model, data, accuracy)
+    def initial_accuracy(chunks) -> dict:
+        return initial_task_accuracy(ctx, chunks, tokenizer, model.vocab_size, st.eval)
+
+    outcome, final = train_sft(ctx, tokenizer, model, data, accuracy, initial_accuracy)
     trainer = outcome.trainer
     table = json.loads((round_dir / "win_rates.json").read_text())
     return StageResult(

@@ -41,7 +41,7 @@ from megatron_ext.metrics import read_metrics
 from megatron_ext.models.recycle_routing import dropless_routing
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.stage_training import build_stage_model, load_frozen_model, train_stage
-from posttrain.chat_sampling import eval_tasks, stage_task_accuracy, stop_ids
+from posttrain.chat_sampling import eval_tasks, initial_task_accuracy, stage_task_accuracy, stop_ids
 from posttrain.rl_rollouts import RLSettings, RolloutBatches, rl_forward_step_factory
 from posttrain.self_reward_eval import forward_logps, self_reward_eval
 
@@ -192,13 +192,16 @@ def run(ctx: StageContext) -> StageResult:
         trainer.step_metrics_fn = lambda: _loss_summary(batches.loss_metrics)
 
     def accuracy(chunks) -> dict:
-        return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, seed)
+        return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, seed, model_cfg)
+
+    def initial_accuracy(chunks) -> dict:
+        return initial_task_accuracy(ctx, chunks, tokenizer, model.vocab_size, st.eval)
 
     # On-policy needs the trained policy to be the sampled one: routing is dropless in the updates too,
     # as it is in generation (capacity would drop or re-route tokens differently per micro-batch).
     with dropless_routing(model.chunks + (ref_chunks or [])):
         outcome = train_stage(ctx, tokenizer, None, None, forward_step=forward_step, model=model,
-                              initial_metrics=lambda chunks: {"initial_task_accuracy": accuracy(chunks)},
+                              initial_metrics=lambda chunks: {"initial_task_accuracy": initial_accuracy(chunks)},
                               train_batches=batches, on_trainer=on_trainer)
     trainer = outcome.trainer
     rollouts = read_metrics(ctx.stage_dir / "metrics" / "metrics.jsonl", split="rollout")

@@ -147,10 +147,14 @@ def build_sft_data(train_examples: Sequence[Example], valid_examples: Sequence[E
     )
 
 
-def train_sft(ctx, tokenizer, model, data: SFTData, accuracy: Callable[[list], Any]):
+def train_sft(ctx, tokenizer, model, data: SFTData, accuracy: Callable[[list], Any],
+              initial_accuracy: Callable[[list], Any] | None = None):
     """Train an SFT-style stage's ``model`` on ``data`` (``megatron_ext.stage_training.train_stage``)
-    and measure ``accuracy(chunks)`` of the parent's weights (before the first step, recorded once)
-    and of the result. Returns ``(outcome, final_metrics)``."""
+    and measure ``accuracy(chunks)`` of the result; ``initial_accuracy(chunks)`` (default
+    ``accuracy``) gives the parent's weights' (before the first step, recorded once; e.g. the parent's
+    own recorded result, ``posttrain.chat_sampling.initial_task_accuracy``).
+    Returns ``(outcome, final_metrics)``."""
+    before = initial_accuracy or accuracy
     outcome = train_stage(ctx, tokenizer, data.train, data.valid, forward_step=sft_forward_step, model=model,
-                          initial_metrics=lambda chunks: {"initial_task_accuracy": accuracy(chunks)})
+                          initial_metrics=lambda chunks: {"initial_task_accuracy": before(chunks)})
     return outcome, {**outcome.final_metrics, "task_accuracy": accuracy(outcome.trainer.chunks)}

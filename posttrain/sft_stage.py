@@ -21,7 +21,7 @@ from data_pipelines.prepare import prepared_tokenizer
 from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.stage_training import build_stage_model
-from posttrain.chat_sampling import eval_tasks, stage_task_accuracy
+from posttrain.chat_sampling import eval_tasks, initial_task_accuracy, stage_task_accuracy
 from posttrain.sft_data import Example, build_sft_data, chat_examples, train_sft
 
 
@@ -52,9 +52,12 @@ def run(ctx: StageContext) -> StageResult:
     model = build_stage_model(ctx, tokenizer)
 
     def accuracy(chunks) -> dict:
-        return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, int(cfg.seed))
+        return stage_task_accuracy(chunks, tokenizer, model.vocab_size, st.eval, int(cfg.seed), model_cfg)
 
-    outcome, final = train_sft(ctx, tokenizer, model, data, accuracy)
+    def initial_accuracy(chunks) -> dict:
+        return initial_task_accuracy(ctx, chunks, tokenizer, model.vocab_size, st.eval)
+
+    outcome, final = train_sft(ctx, tokenizer, model, data, accuracy, initial_accuracy)
     trainer = outcome.trainer
     gbs = int(st.train.global_batch_size)
     return StageResult(

@@ -1,5 +1,6 @@
 """The sbatch scripts ``cluster=slurm`` writes, and the dry runs of both launchers (no cluster needed)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from launch.config import load_config
-from launch.pipeline_jobs import Rendezvous, rendezvous
+from launch.pipeline_jobs import Rendezvous, rendezvous, stage_command, worker_env
 from launch.slurm import _jobs, render_script
 
 
@@ -60,6 +61,24 @@ def test_rendezvous_on_this_machine_and_in_a_slurm_allocation():
                         env={"SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
                              "SLURM_JOB_NODELIST": "localhost"})
     assert in_job == Rendezvous(1, 0, "127.0.0.1", 20000 + 4242)
+
+
+def test_a_single_process_stage_runs_its_worker_without_torchrun():
+    """torchrun's agent would be a second Python (and torch import) per stage with no rank to watch."""
+    one, two = load_config([]), load_config(["parallel=tp2"])
+    here = Rendezvous(1, 0, "127.0.0.1", 29555)
+    cmd = stage_command(Path("/r/01_pretrain"), one.parallel, one.cluster, here)
+    assert cmd[1:] == ["-m", "launch.stage_worker", "/r/01_pretrain"]
+    env = worker_env(one.parallel, one.cluster, here)
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")} == \
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+    two_procs = stage_command(Path("/r/01_pretrain"), two.parallel, two.cluster, here)
+    assert two_procs[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in two_procs
+    assert two_procs[-3:] == ["-m", "launch.stage_worker", "/r/01_pretrain"]
+    # one process on each of two nodes still meets the others through torchrun's rendezvous
+    nodes = stage_command(Path("/r/01_pretrain"), one.parallel, one.cluster, Rendezvous(2, 1, "node0", 20042))
+    assert nodes[1:3] == ["-m", "torch.distributed.run"] and "--nnodes=2" in nodes
+    assert worker_env(two.parallel, two.cluster, here).get("RANK") == os.environ.get("RANK")   # torchrun's job
 
 
 def test_dry_runs_print_and_write_nothing(tmp_path):

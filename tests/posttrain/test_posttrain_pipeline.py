@@ -81,6 +81,24 @@ def test_every_stage_completes_and_reports_task_accuracy(run):
     assert "task accuracy" in (run / "summary.txt").read_text()
 
 
+def test_a_stage_before_is_its_parents_after_measured_once(run):
+    """Greedy answers of the same weights on the same tasks are the same answers: a stage whose parent
+    measured exactly its eval (same model config, preset, seed) reads that instead of a second pass."""
+    reused = []
+    for i in range(1, len(STAGES) - 1):
+        before = manifest(run, i)["final_metrics"]["initial_task_accuracy"]
+        parent_after = manifest(run, i - 1)["final_metrics"]["task_accuracy"]
+        candidates = [parent_after, *(v for v in parent_after.values() if isinstance(v, dict))]
+        for result in (before.values() if "accuracy" not in before else [before]):
+            if "from_parent" in result:
+                assert result["from_parent"] == f"{i:02d}_{STAGES[i - 1]}"
+                match = [c for c in candidates if c.get("measured_with") == result["measured_with"]]
+                assert match and {**match[0], "from_parent": result["from_parent"]} == result
+                reused.append(STAGES[i])
+    # every stage measures the same single-mode preset as its parent, except cot_fusion (two modes)
+    assert {"deliberation_2", "rl_stem", "rl_general"} <= set(reused), reused
+
+
 def test_cot_fusion_routes_by_pass_rate_and_every_target_verifies(run):
     st = load_config([]).stages.cot_fusion.fusion
     folder = run / "02_cot_fusion" / "fused"
