@@ -14,6 +14,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+import megatron_ext  # noqa: E402,F401  (before any test imports megatron-core: megatron_ext.lazy_compile)
+
 
 def run_torchrun(script, *args, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a script under `torch.distributed.run --standalone` with `nproc` local processes.

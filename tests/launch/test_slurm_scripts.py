@@ -63,8 +63,9 @@ def test_rendezvous_on_this_machine_and_in_a_slurm_allocation():
     assert in_job == Rendezvous(1, 0, "127.0.0.1", 20000 + 4242)
 
 
-def test_a_single_process_stage_runs_its_worker_without_torchrun():
+def test_a_single_process_stage_runs_its_worker_without_torchrun(monkeypatch):
     """torchrun's agent would be a second Python (and torch import) per stage with no rank to watch."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     one, two = load_config([]), load_config(["parallel=tp2"])
     here = Rendezvous(1, 0, "127.0.0.1", 29555)
     cmd = stage_command(Path("/r/01_pretrain"), one.parallel, one.cluster, here)
@@ -79,6 +80,11 @@ def test_a_single_process_stage_runs_its_worker_without_torchrun():
     nodes = stage_command(Path("/r/01_pretrain"), one.parallel, one.cluster, Rendezvous(2, 1, "node0", 20042))
     assert nodes[1:3] == ["-m", "torch.distributed.run"] and "--nnodes=2" in nodes
     assert worker_env(two.parallel, two.cluster, here).get("RANK") == os.environ.get("RANK")   # torchrun's job
+    # one CPU thread per rank unless the user or the cluster's env says otherwise
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert worker_env(one.parallel, OmegaConf.create({**OmegaConf.to_container(one.cluster), "env": {"OMP_NUM_THREADS": 4}}))["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_env(one.parallel, one.cluster)["OMP_NUM_THREADS"] == "3"
 
 
 def test_dry_runs_print_and_write_nothing(tmp_path):
