@@ -70,7 +70,7 @@ def loader_vs_step(work: Path, steps: int = 20) -> dict:
     from megatron_ext.trainer import StepBatches, Trainer
 
     quiet_known_warnings()
-    cfg = load_config([])
+    cfg = load_config(["stages.pretrain.train.micro_batch_size=8"])   # as recorded (the preset says null)
     train = cfg.stages.pretrain.train
     env = distributed.initialize(cfg.parallel, int(cfg.seed))
     try:

@@ -12,6 +12,7 @@ import re
 from typing import Any, Mapping
 
 from launch.stages import STAGE_KINDS
+from megatron_ext.batch_sizes import micro_batch_size
 from megatron_ext.errors import ConfigError
 from megatron_ext.expert_lr import expert_lr_scale
 from megatron_ext.stage import stage_model_config
@@ -122,8 +123,8 @@ def validate_model(model: Mapping, parallel: Mapping) -> None:
 
 def validate_train(train: Mapping, prefix: str, dp: int, pp: int = 1, vpp: int | None = None) -> None:
     steps = _positive_int(train["steps"], f"{prefix}.steps")
-    mbs = _positive_int(train["micro_batch_size"], f"{prefix}.micro_batch_size")
     gbs = _positive_int(train["global_batch_size"], f"{prefix}.global_batch_size")
+    mbs = _positive_int(micro_batch_size(train, dp, pp, prefix), f"{prefix}.micro_batch_size")
     if gbs % (mbs * dp):
         raise ConfigError(
             f"{prefix}.global_batch_size={gbs} must be a multiple of micro_batch_size x data-parallel "

@@ -15,6 +15,7 @@ from typing import Callable
 from megatron.core import parallel_state
 
 from megatron_ext import checkpointing, model_builder, optim
+from megatron_ext.batch_sizes import micro_batch_size
 from megatron_ext.checkpointing import latest_checkpoint
 from megatron_ext.expert_lr import expert_lr_scale
 from megatron_ext.metrics import MetricsWriter
@@ -87,7 +88,7 @@ def train_stage(ctx: StageContext, tokenizer, train_ds, valid_ds,
     env, model_cfg, train = ctx.env, ctx.model_cfg, ctx.stage_cfg.train
     model = model or build_stage_model(ctx, tokenizer)
     seq_length = int(model_cfg.seq_length)
-    gbs, mbs = int(train.global_batch_size), int(train.micro_batch_size)
+    gbs, mbs = int(train.global_batch_size), micro_batch_size(train, env.dp, env.pp)
     dp_rank = parallel_state.get_data_parallel_rank()
     trainer = Trainer(
         model.chunks, model.optimizer, model.scheduler, train,

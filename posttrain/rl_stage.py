@@ -35,6 +35,7 @@ from data_pipelines.instruction_prompts import generate_instruction_prompts
 from data_pipelines.prepare import prepared_tokenizer
 from data_pipelines.verifiable_tasks import generate_tasks, split_tasks
 from megatron_ext import manifest
+from megatron_ext.batch_sizes import micro_batch_size
 from megatron_ext.errors import ConfigError
 from megatron_ext.generation import Generator, SamplingParams
 from megatron_ext.metrics import read_metrics
@@ -160,7 +161,7 @@ def run(ctx: StageContext) -> StageResult:
     model = build_stage_model(ctx, tokenizer)
     seq_length = int(model_cfg.seq_length)
     train = st.train
-    mbs, gbs = int(train.micro_batch_size), int(train.global_batch_size)
+    mbs, gbs = micro_batch_size(train, ctx.env.dp, ctx.env.pp), int(train.global_batch_size)
     sampling = SamplingParams(temperature=settings.temperature, top_p=float(st.sampling.top_p),
                               top_k=int(st.sampling.top_k), max_new_tokens=int(st.sampling.max_new_tokens),
                               stop_token_ids=stop_ids(tokenizer))

@@ -115,7 +115,10 @@ def test_unknown_mix():
 
 
 def test_global_batch_must_split_into_micro_batches():
-    check(["stages.pretrain.train.global_batch_size=12"], "stages.pretrain.train.global_batch_size=12")
+    check(["stages.pretrain.train.micro_batch_size=8", "stages.pretrain.train.global_batch_size=12"],
+          "stages.pretrain.train.global_batch_size=12")
+    check(["parallel=dp2", "stages.pretrain.train.global_batch_size=15"],
+          "stages.pretrain.train.micro_batch_size=null", "global_batch_size=15")
 
 
 def test_wsd_needs_decay_steps():
