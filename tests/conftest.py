@@ -35,19 +35,6 @@ def run_torchrun(script, *args, nproc: int = 2, timeout: float = 300) -> subproc
     return proc
 
 
-@pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups into the test ids
-def pytest_collection_modifyitems(config, items):
-    """Scheduling for ``pytest -n 2`` (pytest-xdist, ``--dist loadgroup``, the default in setup.cfg): a
-    test module is one unit, so a module-scoped fixture (a pipeline run, a set of parallel layouts) is
-    made once, on one worker; the modules that use the one-node Slurm cluster form one unit, since
-    the cluster is per worker and two would share this machine's CPUs and hostname."""
-    slurm_modules = {item.module.__name__ for item in items
-                     if {"slurm_cluster", "slurm_available"} & set(getattr(item, "fixturenames", ()))}
-    for item in items:
-        name = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("slurm" if name in slurm_modules else name))
-
-
 @pytest.fixture
 def torchrun():
     """The shared multi-process launcher (see :func:`run_torchrun`)."""
