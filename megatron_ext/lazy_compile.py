@@ -41,7 +41,6 @@ def _deferred(compile_fn, fn, kwargs: dict):
             compiled = compile_fn(fn, **kwargs)
         return compiled(*args, **kw)
 
-    call.__wrapped_uncompiled__ = fn
     return call
 
 
