@@ -32,8 +32,8 @@ key. :func:`cla_generate_greedy` drives it. A context with a ``decode_position``
 K/V written at that device-side position, attention over the whole cache under a key mask, so the
 step can be captured as a CUDA graph. Dynamic batching, flash-decode and packed sequences
 (THD) are not supported (they need flash-attn kernels this path does not call); the specs here are
-the local (non-TE) ones, whose ``DotProductAttention`` takes the explicit mask a multi-token step
-after the prompt needs.
+the local (non-TE) ones, whose core attention (SDPA or ``DotProductAttention``) takes the explicit
+mask a multi-token step after the prompt needs.
 
 QK-norm order. megatron's ``qk_layernorm`` normalises Q and K before RoPE; Hunyuan's released
 modeling code (and transformers' ``hunyuan_v1_moe``) normalises after RoPE. ``qk_norm_after_rope``
@@ -684,14 +684,14 @@ def cla_attention_specs(
 ) -> tuple[ModuleSpec, ModuleSpec]:
     """(producer, consumer) attention specs of one model chunk, sharing one :class:`CLAKVStore`.
 
-    Local (non-TE) megatron modules (core attention on torch SDPA on GPUs); QK-norm when ``config.qk_layernorm`` (norm weights keep
+    Local (non-TE) megatron modules (core attention on torch SDPA); QK-norm when ``config.qk_layernorm`` (norm weights keep
     megatron's names ``q_layernorm`` / ``k_layernorm``, which ``finalize_model_grads`` sums over TP).
     Layer ``i`` of the chunk uses the producer when ``i % cla_share_factor == 0``; with a share factor
     of 1 every layer is a producer, i.e. plain self-attention. Call once per model chunk, so each chunk
     gets its own store; the chunk must start at a group boundary (see :func:`validate_cla_layout`).
     """
     validate_cla_config(config, cla_share_factor)
-    backend = FastSpecProvider(config)   # local modules; SDPA core attention on GPUs
+    backend = FastSpecProvider(config)   # local modules; SDPA core attention
     store = CLAKVStore(cla_share_factor)
     qk_norm = SequenceParallelTorchNorm if config.qk_layernorm else None
     params = {"cla_share_factor": cla_share_factor, "kv_store": store,

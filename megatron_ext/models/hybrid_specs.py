@@ -92,7 +92,7 @@ def hybrid_stack_spec(config: TransformerConfig, mamba_chunk_size: int = 128,
 
     from megatron_ext.models.mamba_static_decode import static_decode_mixer_class
 
-    backend = FastSpecProvider(config)   # local modules; SDPA core attention on GPUs
+    backend = FastSpecProvider(config)   # local modules; SDPA core attention
     mamba_layer = ModuleSpec(
         module=MambaLayer,
         submodules=MambaLayerSubmodules(

@@ -216,6 +216,16 @@ class RecycleRouter(TopKRouter):
         self.drop_policy = drop_policy
         self.last_stats: Optional[RoutingStats] = None
 
+    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """megatron-core's expert-bias token count, without its ``jit_fuser`` (torch.compile) decorator:
+        one in-place sum has nothing to fuse, and compiling it cost every process that routes a token
+        1-4 s (dynamo's import and a compile; profiled in the CPU demo) and every call a guard check."""
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & (~padding_mask)
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
     def _capacity(self, num_tokens: int) -> int:
         # The capacity apply_router_token_dropping uses (it counts num_tokens * topk assignments).
         return get_capacity(num_tokens * self.topk, self.config.num_moe_experts, self.capacity_factor)

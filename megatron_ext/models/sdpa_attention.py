@@ -4,8 +4,9 @@ megatron-core's local ``DotProductAttention`` materialises the [b, heads, sq, sk
 an unfused softmax: on an H200 without Transformer Engine it takes most of a dense model's step
 (issue 10: SDPA is about 14x faster for one layer forward + backward). This module is a drop-in
 ``core_attention`` with the same constructor, inputs and output, and no parameters, so checkpoints
-do not change. :func:`core_attention_for` picks it where it computes the same thing (GPUs, causal
-attention, no sliding window or softmax offset); the CPU path keeps ``DotProductAttention``.
+do not change. :func:`core_attention_for` picks it wherever it computes the same thing (no sliding
+window, softmax offset or context parallelism), on GPUs and CPUs alike: on the CPU its fused kernel
+made a tiny SFT step (seq 256) about 30% faster than the local module, with the same losses (1e-7).
 
 Masks follow megatron-core: ``attention_mask`` True marks positions that must not be attended. With
 no mask, attention is causal over aligned query / key positions (sq == sk), or unmasked for one new
@@ -95,12 +96,8 @@ def unsupported_reason(config: TransformerConfig) -> str | None:
 
 
 def core_attention_for(config: TransformerConfig) -> type:
-    """SDPA on GPUs when it computes the same attention, else megatron-core's local module (CPU)."""
-    from megatron_ext import cpu_backend
-
-    if torch.cuda.is_available() and not cpu_backend.is_enabled() and unsupported_reason(config) is None:
-        return SDPAAttention
-    return DotProductAttention
+    """SDPA when it computes the same attention, else megatron-core's local module."""
+    return SDPAAttention if unsupported_reason(config) is None else DotProductAttention
 
 
 class FastSpecProvider(LocalSpecProvider):

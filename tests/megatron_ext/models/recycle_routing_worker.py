@@ -26,7 +26,7 @@ MODES = ("dropless", "drop", "recycle")
 CAPACITY_FACTOR = 1.0
 
 
-def make_config(topk: int, mode: str):
+def make_config(topk: int, mode: str, **extra):
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
@@ -36,16 +36,16 @@ def make_config(topk: int, mode: str):
         add_bias_linear=False, moe_token_dispatcher_type="allgather", use_cpu_initialization=True,
         gradient_accumulation_fusion=False, bias_dropout_fusion=False, params_dtype=torch.float32,
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
-        moe_expert_capacity_factor=None if mode == "dropless" else CAPACITY_FACTOR,
+        moe_expert_capacity_factor=None if mode == "dropless" else CAPACITY_FACTOR, **extra,
     )
 
 
-def build_layer(topk: int, mode: str):
+def build_layer(topk: int, mode: str, **extra):
     from megatron_ext.mcore_compat import build_spec
 
     from megatron_ext.models.recycle_routing import moe_module_spec
 
-    config = make_config(topk, mode)
+    config = make_config(topk, mode, **extra)
     layer = build_spec(moe_module_spec(config, mode), config=config)
     layer.set_layer_number(1)
     return layer
@@ -134,6 +134,27 @@ def recycle_checks(layer, x) -> dict:
     }
 
 
+def expert_bias_counts(x, router_weight) -> dict:
+    """megatron-core's expert bias (aux-loss-free balancing) on: a training forward adds each expert's
+    count of the router's original top-2 choice (before capacity in recycle mode) to
+    ``local_tokens_per_expert``; a forward without gradients adds nothing."""
+    out = {}
+    for mode in ("dropless", "recycle"):
+        layer = build_layer(2, mode, moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
+        with torch.no_grad():
+            layer.router.weight.copy_(router_weight)
+        layer.train()
+        layer(x)[0].sum().backward()
+        after_train = layer.router.local_tokens_per_expert.clone()
+        with torch.no_grad():
+            layer(x)
+        logits = x.reshape(-1, HIDDEN) @ router_weight.T   # sigmoid is monotonic: top-2 of the logits
+        original = torch.zeros(logits.shape, dtype=torch.bool).scatter(1, logits.topk(2, dim=1).indices, True)
+        out[mode] = {"counted": after_train.tolist(), "expected": original.sum(0).tolist(),
+                     "no_grad_unchanged": bool(torch.equal(layer.router.local_tokens_per_expert, after_train))}
+    return out
+
+
 def main(out_path: str) -> None:
     quiet_known_warnings()
     distributed.initialize(
@@ -180,6 +201,8 @@ def main(out_path: str) -> None:
             if mode == "recycle":
                 entry.update(recycle_checks(layer, x))
             results[f"top{topk}/{mode}"] = entry
+        if topk == 2:
+            results["expert_bias"] = expert_bias_counts(x, router_weight)
     Path(out_path).write_text(json.dumps(results))
     distributed.destroy()
 

@@ -153,3 +153,10 @@ def test_config_errors_name_the_field(mode, capacity_factor, pad, field):
     config = SimpleNamespace(moe_expert_capacity_factor=capacity_factor, moe_pad_expert_input_to_capacity=pad)
     with pytest.raises(ConfigError, match=field):
         check_routing_config(config, mode)
+
+
+@pytest.mark.parametrize("mode", ["dropless", "recycle"])
+def test_expert_bias_counts_the_original_choice_in_training_forwards_only(results, mode):
+    got = results["expert_bias"][mode]
+    assert got["counted"] == got["expected"] and sum(got["expected"]) == 2 * 25
+    assert got["no_grad_unchanged"]

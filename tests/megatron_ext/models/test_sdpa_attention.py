@@ -25,13 +25,14 @@ def test_sdpa_matches_dot_product_attention(diffs, case, dtype):
     assert got["out"] < TOLERANCE[dtype] and got["grad"] < TOLERANCE[dtype], got
 
 
-def test_cpu_keeps_the_local_attention():
+def test_sdpa_is_chosen_unless_it_would_compute_something_else():
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megatron_ext.models.sdpa_attention import core_attention_for, unsupported_reason
+    from megatron_ext.models.sdpa_attention import SDPAAttention, core_attention_for, unsupported_reason
 
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4)
-    assert core_attention_for(config) is DotProductAttention     # no GPU here
+    assert core_attention_for(config) is SDPAAttention             # GPUs and CPUs alike
     windowed = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, window_size=(8, 0))
     assert unsupported_reason(windowed) == "sliding-window attention"
+    assert core_attention_for(windowed) is DotProductAttention
