@@ -192,12 +192,16 @@ class Trainer:
                 yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
         data = [on_device() for _ in self.chunks] if len(self.chunks) > 1 else on_device()
+        # the step's own length (RL rows are cut to their rollout's longest sequence): pipeline stages
+        # exchange [seq, mbs, hidden] tensors of this shape
+        first = microbatches[0] if microbatches else {}
+        seq_length = first["tokens"].shape[-1] if torch.is_tensor(first.get("tokens")) else self.seq_length
         return self._fwd_bwd(
             forward_step_func=self.forward_step,
             data_iterator=data,
             model=self.chunks,
             num_microbatches=len(microbatches),
-            seq_length=self.seq_length,
+            seq_length=seq_length,
             micro_batch_size=self.train_batches.mbs,
             forward_only=forward_only,
         )

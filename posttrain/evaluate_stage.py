@@ -84,7 +84,7 @@ def run(ctx: StageContext) -> StageResult:
                              sampling=sampling, seq_length=seq_length, micro_batch_size=mbs, global_batch_size=k,
                              dp_rank=parallel_state.get_data_parallel_rank(), dp_size=1, seed=seed)
     forward_step = rl_forward_step_factory(settings, batches)
-    batches.logp_fn = lambda micro: forward_logps(chunks, micro, forward_step, seq_length, mbs)
+    batches.logp_fn = lambda micro: forward_logps(chunks, micro, forward_step)
 
     sets = {"synthetic": (eval_tasks(st.eval, seed)[: int(st.max_problems)], None)}
     for name in st.sets:

@@ -187,9 +187,9 @@ def run(ctx: StageContext) -> StageResult:
 
     def on_trainer(trainer) -> None:
         holder["trainer"] = trainer
-        batches.logp_fn = lambda micro: forward_logps(trainer.chunks, micro, forward_step, seq_length, mbs)
+        batches.logp_fn = lambda micro: forward_logps(trainer.chunks, micro, forward_step)
         if ref_chunks is not None:
-            batches.ref_logp_fn = lambda micro: forward_logps(ref_chunks, micro, forward_step, seq_length, mbs)
+            batches.ref_logp_fn = lambda micro: forward_logps(ref_chunks, micro, forward_step)
         trainer.step_metrics_fn = lambda: _loss_summary(batches.loss_metrics)
 
     def accuracy(chunks) -> dict:

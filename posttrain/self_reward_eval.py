@@ -21,9 +21,11 @@ from posttrain.inference_scaling import PromptSamples, Sample, aggregate
 from posttrain.rl_rollouts import RolloutBatches
 
 
-def forward_logps(chunks, microbatches: list[dict], forward_step, seq_length: int, mbs: int) -> list:
+def forward_logps(chunks, microbatches: list[dict], forward_step) -> list:
     """Per-token log-probs of each micro-batch from a forward-only pass (last pipeline stage; None
-    elsewhere)."""
+    elsewhere). The micro-batches share one shape [mbs, seq], which the schedule's pipeline
+    exchanges use."""
+    mbs, seq_length = microbatches[0]["tokens"].shape
     fwd = get_forward_backward_func()
     data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
     with torch.no_grad():

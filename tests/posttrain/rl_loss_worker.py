@@ -44,8 +44,38 @@ def by_hand(logits, batch, s: RLSettings) -> torch.Tensor:
     return total
 
 
+def cut_rows_match_full_rows(cfg) -> float:
+    """Largest log-prob difference between rows padded to the model's seq_length (128) and the same rows cut to 64
+    (RolloutBatches.row_length), on the tiny model through forward_logps: padding after a sequence
+    must not change it."""
+    from types import SimpleNamespace
+
+    from megatron_ext import model_builder
+    from posttrain.rl_rollouts import rl_forward_step_factory
+    from posttrain.self_reward_eval import forward_logps
+
+    config = model_builder.transformer_config(cfg.model, cfg.parallel)
+    model = model_builder.build_model(cfg.model, config, model_builder.padded_vocab_size(int(cfg.model.vocab_size), 1))
+    step = rl_forward_step_factory(SETTINGS, SimpleNamespace(current_step=0, loss_metrics={}))
+    g = torch.Generator().manual_seed(1)
+    lengths = [64, 37]
+    full = torch.zeros(2, 128, dtype=torch.long)   # right-padded with 0
+    for i, n in enumerate(lengths):
+        full[i, :n] = torch.randint(1, 500, (n,), generator=g)
+    rows = {128: full, 64: full[:, :64].clone()}
+    out = {}
+    for width, tokens in rows.items():
+        labels = torch.roll(tokens, -1, dims=1)
+        micro = [{"tokens": tokens, "labels": labels, "position_ids": torch.arange(width).expand(2, -1)}]
+        out[width] = forward_logps(model, micro, step)[0]
+    mask = torch.zeros(2, 63, dtype=torch.bool)   # positions inside each sequence (the last label wraps)
+    for i, n in enumerate(lengths):
+        mask[i, :n - 1] = True
+    return float((out[128][:, :63] - out[64][:, :63]).abs()[mask].max())
+
+
 def main(out: str) -> None:
-    cfg = load_config([])
+    cfg = load_config(["model.moe_routing_mode=dropless", "model.moe_expert_capacity_factor=null"])
     distributed.initialize(cfg.parallel, 0)
     g = torch.Generator().manual_seed(0)
     b, t, v = 3, 7, 13
@@ -78,7 +108,7 @@ def main(out: str) -> None:
         "loss": float(loss), "expected": float(expected), "grad_diff": float((grad.double() - ref_grad).abs().max()),
         "grad_scale": float(ref_grad.abs().max()), "early": float(early), "expected_early": float(no_laser),
         "lm_loss_tokens": float(logs["lm_loss"][1]), "mask_tokens": float(response.sum()),
-        "clip_frac": sink["clip_frac"][0],
+        "clip_frac": sink["clip_frac"][0], "cut_row_logp_diff": cut_rows_match_full_rows(cfg),
     }))
 
 

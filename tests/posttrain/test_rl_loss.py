@@ -25,3 +25,9 @@ def test_loss_and_gradient_equal_a_float64_computation(result):
 def test_laser_term_waits_for_its_warm_up(result):
     assert result["early"] == pytest.approx(result["expected_early"], rel=1e-5)
     assert result["early"] != pytest.approx(result["loss"], rel=1e-3)
+
+
+def test_rows_cut_to_the_rollouts_length_give_the_full_rows_log_probs(result):
+    # RolloutBatches.row_length cuts the padding after the longest sequence; causal attention and
+    # the MoE layers (dropless) make a position's log-prob independent of what comes after it
+    assert result["cut_row_logp_diff"] < 1e-5

@@ -111,3 +111,21 @@ def test_rows_put_the_self_reward_token_after_the_end_of_turn(tokenizer):
     assert row["labels"][p - 1 + r] == tokenizer.special_id(special_tokens.SELF_REWARD)
     unfinished = type(sample)(**{**sample.__dict__, "finished": False})
     assert rb._row(unfinished, 0)["zc_mask"].sum() == 0  # no eos, no z_c
+
+
+def test_rows_are_cut_to_the_longest_sequence_rounded_up_to_64(tokenizer):
+    tasks = generate_tasks(["comparison"], 2, seed=7, difficulties=[1])
+    rb = batches(tokenizer, tasks, lambda t, mode, j: j == 0)
+    samples = [s for g in rb._sample_groups(tasks, seed=0, first_group=0) for s in g]
+    longest = max(len(s.prompt) + len(s.tokens) + s.finished for s in samples) - 1   # + z_c, minus the shift
+    length = rb.row_length(samples)
+    assert length % 64 == 0 and longest <= length < longest + 64
+    cut, full = rb._row(samples[0], 0, length), rb._row(samples[0], 0)
+    assert full["tokens"].shape == (256,) and cut["tokens"].shape == (length,)
+    for key in ("tokens", "labels", "response_mask", "zc_mask"):
+        assert torch.equal(cut[key], full[key][:length])
+        dropped = full[key][length:]   # only padding is cut
+        assert (dropped == tokenizer.pad).all() if key in ("tokens", "labels") else not dropped.any()
+    rb.seq_length = length - 1    # never longer than the model's sequence
+    long_sample = type(samples[0])(**{**samples[0].__dict__, "tokens": samples[0].tokens * 40})
+    assert rb.row_length([long_sample]) == length - 1
