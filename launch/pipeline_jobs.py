@@ -31,6 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from launch import stage_forks
 from megatron_ext import manifest
 from megatron_ext.errors import ConfigError
 from megatron_ext.fault_tolerance import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS
@@ -288,9 +289,13 @@ def _launch(sdir: Path, name: str, cfg: DictConfig) -> Rendezvous:
     suffix = f"-node{rdzv.node_rank}" if rdzv.nnodes > 1 else ""
     log_path = sdir / "logs" / f"worker{suffix}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = worker_env(cfg.parallel, cfg.cluster, rdzv)
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=worker_env(cfg.parallel, cfg.cluster, rdzv))
+        proc = None
+        if single_process(cfg.parallel, rdzv) and cfg.cluster.get("fork_stages", False):
+            proc = stage_forks.start(sdir, env)   # the same worker, without a fresh Python's imports
+        if proc is None:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         reader = threading.Thread(target=_copy_output, args=(proc.stdout, log), daemon=True)
         reader.start()
         # a preemption notice to this process goes to the stage, which checkpoints and exits

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from launch import stage_forks
 from launch.pipeline_jobs import (StageFailed, StagePreempted, finish, log, prepare, rendezvous, run_stage,
-                                  stage_command, write_pipeline)
+                                  single_process, stage_command, worker_env, write_pipeline)
 from megatron_ext import manifest
 from megatron_ext.quiet import quiet_known_warnings
 from megatron_ext.stage import stage_dir
@@ -28,6 +29,8 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
     quiet_known_warnings()
     run_dir = write_pipeline(cfg)
     log(f"run folder {run_dir}")
+    if cfg.cluster.get("fork_stages", False) and single_process(cfg.parallel, rendezvous(cfg.parallel, cfg.cluster)):
+        stage_forks.start_server(worker_env(cfg.parallel, cfg.cluster))   # imports while the data is prepared
     prepare(run_dir, cfg)
     for name in cfg.pipeline.order:
         run_stage(run_dir, cfg, name)

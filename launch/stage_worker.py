@@ -11,6 +11,8 @@ after every checkpoint, the result at the end.
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ def main(stage_dir: str) -> int:
     quiet_known_warnings()
     from omegaconf import OmegaConf
 
+    from launch import stage_forks
     from launch.stages import STAGE_KINDS
     from megatron_ext import checkpointing, distributed, manifest
     from megatron_ext.errors import ConfigError
@@ -41,8 +44,10 @@ def main(stage_dir: str) -> int:
     if env.is_main:
         latest = checkpointing.latest_checkpoint(stage_dir / "checkpoints")
         resumed_from = int(latest.name.split("_")[-1]) if latest is not None else None
+        process = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "forked": os.environ.get(stage_forks.FORKED_ENV) == "1"}
         manifest.begin_attempt(stage_dir, name, cfg.stages[name].kind,
-                               OmegaConf.to_container(cfg, resolve=True), parent, resumed_from)
+                               OmegaConf.to_container(cfg, resolve=True), parent, resumed_from, process)
         if resumed_from is not None:
             print(f"[{name}] resuming from {latest}", flush=True)
 

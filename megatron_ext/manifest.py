@@ -98,8 +98,9 @@ def write(stage_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def begin_attempt(stage_dir: Path, stage: str, kind: str, config: dict, parent_checkpoint: str | None,
-                  resumed_from_step: int | None) -> dict[str, Any]:
-    """Create the manifest (first attempt) or add an attempt to it (a resume)."""
+                  resumed_from_step: int | None, process: dict | None = None) -> dict[str, Any]:
+    """Create the manifest (first attempt) or add an attempt to it (a resume). ``process``: where the
+    attempt runs (host, pid, whether it was forked: launch.stage_forks)."""
     manifest = read(stage_dir) or {
         "stage": stage,
         "kind": kind,
@@ -118,7 +119,8 @@ def begin_attempt(stage_dir: Path, stage: str, kind: str, config: dict, parent_c
     assert manifest["status"] != COMPLETE, f"{stage_dir}: a finished stage is never re-run"
     manifest["git_commit"] = git_commit()
     manifest["attempts"].append(
-        {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from_step": resumed_from_step}
+        {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from_step": resumed_from_step,
+         **({"process": process} if process else {})}
     )
     write(stage_dir, manifest)
     return manifest

@@ -68,6 +68,9 @@ def test_each_stage_leaves_manifest_and_checkpoint(finished_run):
         assert m["wall_time_s"] > 0
         assert m["config"]["model"]["family"] == "hunyuan_moe"
         assert len(m["attempts"]) == 1 and m["attempts"][0]["resumed_from_step"] is None
+        # a single-process local stage is forked from the runner's preloaded server (launch.stage_forks)
+        assert m["attempts"][0]["process"]["forked"] is True
+    assert pre["attempts"][0]["process"]["pid"] != ann["attempts"][0]["process"]["pid"]   # a process per stage
     assert pre["parent_checkpoint"] is None
     assert ann["parent_checkpoint"] == f"01_pretrain/{pre['checkpoint']}"   # relative to the run folder
     # annealing draws a different mix, so its data fingerprint differs
@@ -160,12 +163,13 @@ def test_killed_stage_resumes_from_last_checkpoint(tmp_path):
     assert killed["status"] == "running"
     assert killed["steps"] < 60
 
-    again = launch(run_dir, *long)
+    again = launch(run_dir, *long, "cluster.fork_stages=false")   # the resume in a fresh python
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "01_pretrain: unfinished, resuming" in again.stdout
     done = manifest(run_dir, "01_pretrain")
     assert done["status"] == "complete" and done["steps"] == 60
     assert len(done["attempts"]) == 2
+    assert [a["process"]["forked"] for a in done["attempts"]] == [True, False]
     resumed = done["attempts"][1]["resumed_from_step"]
     assert resumed is not None and resumed % 10 == 0 and 10 <= resumed < 60
     assert "initial_valid_loss" in done["final_metrics"]  # kept from the first attempt
