@@ -37,38 +37,45 @@ if os.environ.get("TURBOLASER_PARITY_LAYOUTS"):   # a subset, e.g. "tp2" (the me
     CASES = [c for c in CASES if c[1] in os.environ["TURBOLASER_PARITY_LAYOUTS"].split(",")]
 
 
+def run_family(root, torchrun, family: str) -> dict:
+    """The reference and every layout of one family, then one weight comparison: {layout: result}."""
+    overrides = FAMILIES[family]
+    ref = str(root / "reference.json")
+    torchrun(WORKER, ref, root / "init", "reference", *overrides, nproc=1)
+    results = {"reference": json.loads(open(ref).read())}
+    outs = {}
+    for layout in (lay for fam, lay in CASES if fam == family):
+        out = str(root / f"{layout}.json")
+        torchrun(WORKER, out, root / "init", "from_checkpoint",
+                 *LAYOUT_OVERRIDES.get(layout, [f"parallel={layout}"]), *overrides, nproc=LAYOUTS[layout])
+        results[layout] = json.loads(open(out).read())
+        outs[layout] = out + ".weights"
+    cmp_out = str(root / "compare.json")
+    torchrun(WORKER, cmp_out, ref + ".weights", "compare", *overrides,
+             f"+other=[{','.join(outs.values())}]", nproc=1)
+    diffs = json.loads(open(cmp_out).read())
+    for layout, path in outs.items():
+        results[layout]["weight_rel_diff"] = diffs[path]
+    return results
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, torchrun_module):
-    """Reference and every layout per family, then one weight comparison per family."""
-    results = {}
-    for family, overrides in FAMILIES.items():
-        if not any(fam == family for fam, _ in CASES):
-            continue
-        root = tmp_path_factory.mktemp(family)
-        ref = str(root / "reference.json")
-        torchrun_module(WORKER, ref, root / "init", "reference", *overrides, nproc=1)
-        results[family, "reference"] = json.loads(open(ref).read())
-        outs = {}
-        for fam, layout in CASES:
-            if fam != family:
-                continue
-            out = str(root / f"{layout}.json")
-            torchrun_module(WORKER, out, root / "init", "from_checkpoint",
-                            *LAYOUT_OVERRIDES.get(layout, [f"parallel={layout}"]), *overrides, nproc=LAYOUTS[layout])
-            results[family, layout] = json.loads(open(out).read())
-            outs[layout] = out + ".weights"
-        cmp_out = str(root / "compare.json")
-        torchrun_module(WORKER, cmp_out, ref + ".weights", "compare", *overrides,
-                        f"+other=[{','.join(outs.values())}]", nproc=1)
-        diffs = json.loads(open(cmp_out).read())
-        for layout, path in outs.items():
-            results[family, layout]["weight_rel_diff"] = diffs[path]
-    return results
+    """``runs(family)``: that family's runs, made on first use (``-k tiny_turbos`` runs one family). The
+    module's tests stay on one xdist worker (``--dist loadfile``, setup.cfg), so each family runs once."""
+    made: dict[str, dict] = {}
+
+    def of(family: str) -> dict:
+        if family not in made:
+            made[family] = run_family(tmp_path_factory.mktemp(family), torchrun_module, family)
+        return made[family]
+
+    return of
 
 
 @pytest.mark.parametrize("family, layout", CASES)
 def test_layout_matches_single_process(runs, family, layout):
-    ref, got = runs[family, "reference"], runs[family, layout]
+    ref, got = runs(family)["reference"], runs(family)[layout]
     overlapped = {"OverlappedColumnParallelLinear", "OverlappedRowParallelLinear"}
     assert (overlapped <= set(got["linear_classes"])) == (layout == "tp2_overlap"), got["linear_classes"]
     assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
