@@ -79,8 +79,12 @@ def _run_stage(stage_dir: str, env: dict[str, str], out) -> None:
     # unbuffered text on the pipe, as PYTHONUNBUFFERED gives a fresh worker (progress bars use \r)
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+    import torch   # preloaded: free here
+
     from launch import stage_worker
 
+    if env.get("OMP_NUM_THREADS", "").isdigit():   # as a fresh python reads it, should the server not have
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.exit(stage_worker.main(stage_dir))
 
 
