@@ -293,7 +293,8 @@ def _launch(sdir: Path, name: str, cfg: DictConfig) -> Rendezvous:
     with log_path.open("ab") as log:
         proc = None
         if single_process(cfg.parallel, rdzv) and cfg.cluster.get("fork_stages", False):
-            proc = stage_forks.start(sdir, env)   # the same worker, without a fresh Python's imports
+            # the same worker, without a fresh Python's imports
+            proc = stage_forks.start(sdir, env, server_env=worker_env(cfg.parallel, cfg.cluster))
         if proc is None:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         reader = threading.Thread(target=_copy_output, args=(proc.stdout, log), daemon=True)

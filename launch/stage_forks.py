@@ -8,9 +8,9 @@ once (:data:`PRELOAD`), and each stage is a child forked from it that runs
 :func:`launch.stage_worker.main`: still a process per stage, started in milliseconds.
 
 The server starts with the stages' environment (``launch.pipeline_jobs.worker_env``: thread counts and
-library settings are read when torch loads) and serves the runner's stages for its lifetime; a stage
-whose environment differs in more than its rendezvous variables (:data:`PER_STAGE`) gets a fresh
-``python`` instead. ``cluster.fork_stages: false`` turns forking off. torchrun stages (several ranks)
+library settings are read when torch loads: the environment without a stage's rendezvous variables)
+and serves the runner's stages for its lifetime; a stage whose base environment differs from the
+server's gets a fresh ``python`` instead. ``cluster.fork_stages: false`` turns forking off. torchrun stages (several ranks)
 and Slurm / nemo-run jobs start as before.
 """
 
@@ -23,23 +23,17 @@ import os
 import sys
 from pathlib import Path
 
-# what every stage imports; a module that fails to import is skipped by the server (the stage then
-# imports it itself and reports the error where it belongs)
-PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "launch.stage_worker", "launch.stages",
-           "megatron_ext.stage_training", "megatron_ext.model_builder", "megatron_ext.generation",
-           "pretrain.pretrain_stage", "posttrain.sft_stage", "posttrain.cot_fusion_stage",
-           "posttrain.deliberation_stage", "posttrain.rl_stage", "posttrain.evaluate_stage"]
-# the variables a stage's environment may differ in from the server's (launch.pipeline_jobs.worker_env)
-PER_STAGE = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+from launch.stages import STAGE_KINDS
 
+# what the stages import (every stage kind's module); a module that fails to import is skipped by the
+# server (the stage then imports it itself and reports the error where it belongs)
+PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "launch.stage_worker",
+           "megatron_ext.stage_training", "megatron_ext.model_builder", "megatron_ext.generation",
+           *sorted(set(STAGE_KINDS.values()))]
 # set in a forked stage's environment; the manifest's attempt records it (launch.stage_worker)
 FORKED_ENV = "TURBOLASER_FORKED_STAGE"
 
 _server_env: dict[str, str] | None = None
-
-
-def _base(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k not in PER_STAGE}
 
 
 def _context():
@@ -55,7 +49,7 @@ def start_server(env: dict[str, str]) -> bool:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return False
     if _server_env is not None:
-        return _server_env == _base(env)
+        return _server_env == env
     _context()
     saved = dict(os.environ)
     os.environ.clear()
@@ -65,7 +59,7 @@ def start_server(env: dict[str, str]) -> bool:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    _server_env = _base(env)
+    _server_env = dict(env)
     return True
 
 
@@ -120,9 +114,10 @@ class ForkedStage:
         self._process.terminate()
 
 
-def start(stage_dir: Path, env: dict[str, str]) -> ForkedStage | None:
-    """Fork the stage from the server (starting it with ``env`` the first time); None when it cannot
-    (the caller starts a fresh process)."""
-    if not start_server(env):
+def start(stage_dir: Path, env: dict[str, str], server_env: dict[str, str]) -> ForkedStage | None:
+    """Fork the stage, with its environment ``env``, from the server (started with ``server_env``, the
+    same without the stage's rendezvous variables, the first time); None when it cannot (the caller
+    starts a fresh process)."""
+    if not start_server(server_env):
         return None
     return ForkedStage(stage_dir, env)
