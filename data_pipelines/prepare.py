@@ -11,6 +11,7 @@ written last, inside a temporary sibling directory that is then renamed into pla
 with a manifest is always complete. Call it from one process (e.g. rank 0, then a barrier).
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -101,6 +102,19 @@ def data_fingerprint(prepared: PreparedData, mix: Mapping[str, float]) -> str:
     weights = resolve_mix(prepared, mix)
     payload = [[s, prepared.fingerprints[s], round(w, 12)] for s, w in weights.items()]
     return hashlib.sha256(json.dumps(payload).encode("utf-8")).hexdigest()
+
+
+def items_fingerprint(sets: Mapping[str, Sequence[Any]]) -> str:
+    """sha256 naming exactly the prompts a stage samples from or is judged on (RL prompt pools,
+    evaluation sets): every item of each named set, in order, as its type and fields (tasks, code
+    tasks, instruction prompts, evaluation items are frozen dataclasses)."""
+    h = hashlib.sha256()
+    for name in sorted(sets):
+        for item in sets[name]:
+            fields = dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
+            h.update(json.dumps([name, type(item).__name__, fields], sort_keys=True, default=str).encode())
+            h.update(b"\n")
+    return h.hexdigest()
 
 
 def _to_plain(value: Any) -> Any:

@@ -30,6 +30,12 @@ def _positive_int(value: Any, field: str) -> int:
     return value
 
 
+def _non_negative_int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{field}={value!r}: must be an integer >= 0")
+    return value
+
+
 def _divides(n: int, n_field: str, d: int, d_field: str) -> None:
     if n % d:
         raise ConfigError(
@@ -283,6 +289,31 @@ def validate_rl_stage(name: str, st: Mapping, order: list[str]) -> None:
     temperature = (st.get("sampling") or {}).get("temperature")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
         raise ConfigError(f"{prefix}.sampling.temperature={temperature!r}: RL samples from the policy; use > 0")
+    _validate_laser(prefix, st.get("laser") or {}, int(train["steps"]))
+
+
+def _validate_laser(prefix: str, ls: Mapping, steps: int) -> None:
+    """LaSeR's block: a self-reward whose loss or advantage warm-up outlasts the stage would be
+    configured and never used, so it is refused (LaSeR: 200 + 200 updates of a longer run)."""
+    if not ls.get("enabled"):
+        return
+    for key in ("alpha", "beta", "adv_coef", "std_threshold"):
+        value = ls.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{prefix}.laser.{key}={value!r}: must be a number >= 0")
+    if not ls["beta"] > 0:
+        raise ConfigError(f"{prefix}.laser.beta=0: the score beta * (log p - c_ref) would be 0; LaSeR uses 0.1")
+    if ls["adv_coef"] > 1:
+        raise ConfigError(f"{prefix}.laser.adv_coef={ls['adv_coef']}: a weight in [0, 1] (LaSeR: 0.1)")
+    loss_w = _non_negative_int(ls.get("loss_warmup_steps"), f"{prefix}.laser.loss_warmup_steps")
+    adv_w = _non_negative_int(ls.get("adv_warmup_steps"), f"{prefix}.laser.adv_warmup_steps")
+    if loss_w >= steps:
+        raise ConfigError(f"{prefix}.laser.loss_warmup_steps={loss_w} >= train.steps={steps}: the self-reward loss "
+                          f"would never start; lower it or raise train.steps (or set laser.enabled=false)")
+    if ls["adv_coef"] > 0 and loss_w + adv_w >= steps:
+        raise ConfigError(f"{prefix}.laser: loss_warmup_steps + adv_warmup_steps = {loss_w} + {adv_w} >= "
+                          f"train.steps={steps}: the self-reward would never enter the advantages; lower the "
+                          f"warm-ups, raise train.steps, or set laser.adv_coef=0")
 
 
 def validate_evaluate_stage(name: str, st: Mapping, order: list[str]) -> None:

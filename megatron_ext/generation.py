@@ -53,13 +53,16 @@ from megatron_ext.models.recycle_routing import dropless_routing
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 mean no truncation of the distribution."""
+    """temperature 0 means greedy; top_k 0 and top_p 1 mean no truncation of the distribution.
+    ``banned_token_ids`` are never generated (e.g. LaSeR's self-reward token, which only ever
+    follows a finished response in training rows)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
+    banned_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         problems = []
@@ -126,8 +129,11 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [b], its log-prob [b]) from logits [b, V] (float32)."""
+    """(token [b], its log-prob [b]) from logits [b, V] (float32). Banned tokens get probability 0
+    before anything else, so log-probs are those of the distribution actually sampled."""
     logits = logits.float()
+    if params.banned_token_ids:
+        logits = logits.index_fill(-1, torch.tensor(params.banned_token_ids, device=logits.device), float("-inf"))
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
         logp = torch.log_softmax(logits, dim=-1)

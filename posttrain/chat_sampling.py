@@ -33,11 +33,19 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
     return (tokenizer.special_id(special_tokens.END_OF_TURN), tokenizer.eod)
 
 
+def chat_params(tokenizer, *, temperature: float, max_new_tokens: int, top_p: float = 1.0,
+                top_k: int = 0) -> SamplingParams:
+    """Sampling a chat response: it stops at the end of turn (or EOD) and never emits LaSeR's
+    self-reward token ``z_c`` (which training only ever puts after a finished response)."""
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                          stop_token_ids=stop_ids(tokenizer),
+                          banned_token_ids=(tokenizer.special_id(special_tokens.SELF_REWARD),))
+
+
 def sampling_params(cfg: Mapping[str, Any], tokenizer) -> SamplingParams:
-    """A stage's ``sampling`` block (temperature, top_p, top_k, max_new_tokens) with the chat stops."""
-    return SamplingParams(temperature=float(cfg.get("temperature", 1.0)), top_p=float(cfg.get("top_p", 1.0)),
-                          top_k=int(cfg.get("top_k", 0)), max_new_tokens=int(cfg["max_new_tokens"]),
-                          stop_token_ids=stop_ids(tokenizer))
+    """A stage's ``sampling`` block (temperature, top_p, top_k, max_new_tokens) for chat responses."""
+    return chat_params(tokenizer, temperature=float(cfg.get("temperature", 1.0)), top_p=float(cfg.get("top_p", 1.0)),
+                       top_k=int(cfg.get("top_k", 0)), max_new_tokens=int(cfg["max_new_tokens"]))
 
 
 def response_text(tokenizer, generation: Generation) -> str:
@@ -90,7 +98,7 @@ def eval_tasks(eval_cfg: Mapping[str, Any], seed: int) -> list[Task]:
 def task_accuracy(generator: Generator, tokenizer, tasks: Sequence[Task], thinking: str | None,
                   max_new_tokens: int) -> dict[str, Any]:
     """Greedy accuracy on ``tasks``: overall, per kind and per difficulty, with response lengths."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids(tokenizer))
+    params = chat_params(tokenizer, temperature=0.0, max_new_tokens=max_new_tokens)
     gens = generator.generate_sharded([prompt_ids(tokenizer, t.prompt, thinking) for t in tasks], params)
     by_kind: dict[str, list[float]] = defaultdict(list)
     by_level: dict[int, list[float]] = defaultdict(list)

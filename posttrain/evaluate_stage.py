@@ -11,8 +11,8 @@ Prompts too long for ``seq_length`` with ``max_new_tokens`` of answer are skippe
 
 It evaluates its parent's checkpoint (``init_from`` or the previous stage) and hands that same
 checkpoint on (``checkpoint`` in the stage folder is a link to it, a relative one when the checkpoint
-is in the run folder, so that the link survives a move of the folder). ``c_ref`` is the constant the
-self-reward was trained with: from the config, else the parent stage's ``laser_c_ref.json``.
+is in the run folder, so that the link survives a move of the folder). ``c_ref``, ``beta`` and the
+scoring temperature are the constants the self-reward was trained with (:func:`laser_constants`).
 Writes ``evaluation.json`` and ``evaluation.txt`` in the stage folder and ``evaluation.txt`` in the run
 folder.
 """
@@ -26,28 +26,35 @@ from pathlib import Path
 from megatron.core import parallel_state
 
 from data_pipelines.eval_sets import answers_equivalent, load_eval_set
-from data_pipelines.prepare import prepared_tokenizer
+from data_pipelines.prepare import items_fingerprint, prepared_tokenizer
 from megatron_ext import manifest, model_builder
 from megatron_ext.errors import ConfigError
-from megatron_ext.generation import Generator, SamplingParams
+from megatron_ext.generation import Generator
 from megatron_ext.models.recycle_routing import dropless_routing
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.stage_training import load_frozen_model
-from posttrain.chat_sampling import eval_tasks, prompt_ids, prompt_text, stop_ids
+from posttrain.chat_sampling import eval_tasks, prompt_ids, prompt_text, sampling_params
 from posttrain.inference_scaling import format_table
 from posttrain.rl_rollouts import RLSettings, RolloutBatches, rl_forward_step_factory
 from posttrain.self_reward_eval import forward_logps, self_reward_eval
 
 
-def _c_ref(ctx: StageContext) -> float:
-    configured = ctx.stage_cfg.laser.get("c_ref")
-    if configured is not None:
-        return float(configured)
+def laser_constants(ctx: StageContext) -> dict[str, float]:
+    """The self-reward's ``c_ref``, ``beta`` and scoring ``temperature``: each from the config where
+    set, else from the parent RL stage's ``laser_c_ref.json`` (the constants it trained the score
+    with; the z_c log-prob is taken at that temperature, whatever this stage samples at)."""
+    configured = {k: ctx.stage_cfg.laser.get(k) for k in ("c_ref", "beta", "temperature")}
+    missing = [k for k, v in configured.items() if v is None]
+    if not missing:
+        return {k: float(v) for k, v in configured.items()}
     path = Path(ctx.parent_checkpoint).parents[1] / "laser_c_ref.json"
-    if not path.exists():
-        raise ConfigError(f"stages.{ctx.name}.laser.c_ref is null and {path} does not exist: evaluate a "
-                          f"checkpoint of an RL stage, or set stages.{ctx.name}.laser.c_ref")
-    return float(json.loads(path.read_text())["c_ref"])
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    unknown = [k for k in missing if k not in recorded]
+    if unknown:
+        where = f"{path} does not exist" if not path.exists() else f"{path} does not record {unknown}"
+        raise ConfigError(f"stages.{ctx.name}.laser: {unknown} null and {where}: evaluate a checkpoint of an RL "
+                          f"stage, or set " + ", ".join(f"stages.{ctx.name}.laser.{k}" for k in unknown))
+    return {k: float(recorded[k] if configured[k] is None else configured[k]) for k in configured}
 
 
 def _link_checkpoint(stage_dir: Path, target: Path) -> Path:
@@ -71,13 +78,13 @@ def run(ctx: StageContext) -> StageResult:
     vocab = model_builder.model_vocab_size(model_cfg, tokenizer)
     chunks = load_frozen_model(ctx, tokenizer, ctx.parent_checkpoint)
     k, mbs = int(st.k), int(st.micro_batch_size)
+    constants = laser_constants(ctx)
+    # settings.temperature is the one the z_c log-prob is scored at; samples are drawn at `sampling`'s
     settings = RLSettings(groups=1, group_size=k, epochs=1, max_sampling_rounds=1, clip_eps=0.2, clip_eps_high=None,
-                          kl_coef=0.0, temperature=float(st.sampling.temperature), thinking=st.get("thinking"),
-                          laser=True, laser_alpha=0.0, laser_beta=float(st.laser.beta), laser_coef=0.0,
-                          laser_std_threshold=0.0, laser_loss_warmup=0, laser_adv_warmup=0, c_ref=_c_ref(ctx))
-    sampling = SamplingParams(temperature=settings.temperature, top_p=float(st.sampling.top_p),
-                              top_k=int(st.sampling.top_k), max_new_tokens=int(st.sampling.max_new_tokens),
-                              stop_token_ids=stop_ids(tokenizer))
+                          kl_coef=0.0, temperature=constants["temperature"], thinking=st.get("thinking"),
+                          laser=True, laser_alpha=0.0, laser_beta=constants["beta"], laser_coef=0.0,
+                          laser_std_threshold=0.0, laser_loss_warmup=0, laser_adv_warmup=0, c_ref=constants["c_ref"])
+    sampling = sampling_params(st.sampling, tokenizer)
     generator = Generator(chunks, vocab, max_batch_size=int(st.sampling.batch_size))
     seq_length = int(model_cfg.seq_length)
     batches = RolloutBatches(items=[], tokenizer=tokenizer, generator=generator, settings=settings,
@@ -106,14 +113,18 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.env.is_main:
         evaluated = manifest.relative_in(ctx.parent_checkpoint, ctx.run_dir)   # the run folder may move
         (ctx.stage_dir / "evaluation.json").write_text(json.dumps(
-            {"checkpoint": evaluated, "k": k, "c_ref": settings.c_ref, "results": results}, indent=1))
+            {"checkpoint": evaluated, "k": k, "sampling_temperature": sampling.temperature, "laser": constants,
+             "results": results}, indent=1))
         for folder in (ctx.stage_dir, ctx.run_dir):
             (folder / "evaluation.txt").write_text(
-                f"checkpoint {evaluated}, k={k}, temperature {settings.temperature}\n{table}\n")
+                f"checkpoint {evaluated}, k={k}, sampled at temperature {sampling.temperature}, self-reward "
+                f"scored at temperature {settings.temperature} (beta {settings.laser_beta}, c_ref "
+                f"{settings.c_ref:.3f})\n{table}\n")
         print(table, flush=True)
         link = _link_checkpoint(ctx.stage_dir, Path(ctx.parent_checkpoint))
     else:
         link = ctx.stage_dir / "checkpoint"
     return StageResult(checkpoint=link, steps=0, tokens_seen=0,
                        final_metrics={"evaluation": results, "generation": generator.stats.as_dict()},
-                       data_fingerprint=None, extra={"evaluated_checkpoint": str(ctx.parent_checkpoint)})
+                       data_fingerprint=items_fingerprint({name: items for name, (items, _) in sets.items()}),
+                       extra={"evaluated_checkpoint": str(ctx.parent_checkpoint)})

@@ -9,8 +9,9 @@ verdict, LaSeR's self-reward score ``r_s`` and whether it finished, :func:`aggre
 - ``weighted_majority``: the same vote with each sample weighted by its self-reward score
   (the paper's use of ``r_s`` for inference-time scaling);
 - ``best_of_k``: the answer of the single highest-scoring sample;
-- ``acc_correct`` / ``acc_incorrect`` / ``f1``: self-verification (``r_s > threshold`` predicts
-  "correct") over every finished sample, from :func:`posttrain.laser.self_verification_metrics`.
+- ``acc_correct`` / ``acc_incorrect`` / ``f1`` / ``auroc``: self-verification (``r_s > threshold``
+  predicts "correct"; AUROC over every threshold) over every finished sample, from
+  :func:`posttrain.laser.self_verification_metrics`.
 
 Choices, all deterministic:
 
@@ -148,6 +149,7 @@ def aggregate(prompts: Sequence[PromptSamples], *, equivalent: Equivalence | Non
         "acc_correct": verification["acc_correct"],
         "acc_incorrect": verification["acc_incorrect"],
         "f1": verification["f1"],
+        "auroc": verification["auroc"],
         "n_finished": len(finished),
         "n_prompts": n,
         "k": max(len(p.samples) for p in prompts),
@@ -155,7 +157,8 @@ def aggregate(prompts: Sequence[PromptSamples], *, equivalent: Equivalence | Non
 
 
 _COLUMNS = (("pass@1", "pass_at_1"), ("maj@K", "majority"), ("weighted maj@K", "weighted_majority"),
-            ("best-of-K", "best_of_k"), ("pass@K", "pass_at_k"), ("self-verify F1", "f1"))
+            ("best-of-K", "best_of_k"), ("pass@K", "pass_at_k"), ("self-verify F1", "f1"),
+            ("self-verify AUROC", "auroc"))
 
 
 def _percent(value: float) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ext.errors import ConfigError
 from posttrain.grpo import group_mean_std
 
 
@@ -36,24 +37,43 @@ def self_reward_score(logp_zc, c_ref, beta: float = 0.1):
     return beta * (logp_zc - c_ref)
 
 
-def c_ref_estimate(logp_zc_reference: torch.Tensor, finished: torch.Tensor) -> float:
+def c_ref_estimate(logp_zc_reference: torch.Tensor, finished: torch.Tensor, min_finished: int = 1) -> float:
     """``c_ref``: the mean of ``log pi_ref(z_c | x, y, eos)`` over finished responses.
 
     How the constant is "estimated once from the reference model": score a batch of the reference
     (starting) policy's own finished responses with ``z_c`` appended and average. Truncated responses
-    have no eos for ``z_c`` to follow, so they are left out.
-    """
+    have no eos for ``z_c`` to follow, so they are left out; fewer than ``min_finished`` finished
+    responses is an error (:class:`CRefError`): a constant made up of nothing would be saved and
+    inherited by every later stage."""
     mask = finished.bool()
-    assert mask.any(), "c_ref needs at least one finished response"
+    if int(mask.sum()) < max(1, min_finished):
+        raise CRefError(f"LaSeR c_ref: {int(mask.sum())} of {mask.numel()} responses finished (ended with an "
+                        f"end of turn), at least {max(1, min_finished)} are needed to estimate c_ref; the rest "
+                        f"hit sampling.max_new_tokens. Raise sampling.max_new_tokens, or set laser.c_ref")
     return float(logp_zc_reference.detach().double()[mask].mean())
+
+
+class CRefError(ConfigError):
+    """Too few finished responses to estimate LaSeR's c_ref (the fix is a config change)."""
+
+
+def c_ref_problem(c_ref: float, beta: float) -> str | None:
+    """Why ``c_ref`` cannot work with ``beta``, if it cannot: ``log pi <= 0``, so the largest score is
+    ``-beta * c_ref``, and a score of 1 (a correct answer's target) needs ``c_ref <= -1 / beta``."""
+    if c_ref > -1.0 / beta:
+        return (f"LaSeR c_ref={c_ref:.3f} > -1/beta = {-1.0 / beta:.3f}: the largest reachable self-reward "
+                f"is -beta * c_ref = {-beta * c_ref:.3f} < 1, so correct answers can never reach their "
+                f"target score; set laser.c_ref <= {-1.0 / beta:.3f} or lower laser.beta")
+    return None
 
 
 def self_reward_weights(verifier_rewards: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
     """LaSeR's class-balancing weights per response: ``N / (2 N_correct)`` for correct ones,
     ``N / (2 N_incorrect)`` for incorrect ones, 0 for unfinished ones (``N`` finished responses,
     correct: ``r_v > 0.5``). They make each class weigh half of the loss whatever the batch's pass
-    rate, so the score does not learn the base rate; they average to 1 over the finished responses.
-    When one class is absent its formula is undefined: the present class gets weight 1.
+    rate, so the score does not learn the base rate. A batch with one class only takes the formula
+    as it stands: ``N / (2 N)`` = 0.5 for every response, as LaSeR's reference code does (that
+    batch's loss is half its plain MSE).
 
     Computed once over a whole step's batch, so micro-batches and data-parallel ranks weigh alike."""
     assert verifier_rewards.shape == finished.shape and finished.dim() == 1
@@ -63,9 +83,8 @@ def self_reward_weights(verifier_rewards: torch.Tensor, finished: torch.Tensor) 
     correct = verifier_rewards.to(dtype) > 0.5
     n_correct = int((correct & mask).sum())
     n_incorrect = n - n_correct
-    both = n_correct > 0 and n_incorrect > 0
-    w_correct = n / (2 * n_correct) if both else 1.0
-    w_incorrect = n / (2 * n_incorrect) if both else 1.0
+    w_correct = n / (2 * n_correct) if n_correct else 0.0
+    w_incorrect = n / (2 * n_incorrect) if n_incorrect else 0.0
     weights = torch.where(correct, torch.tensor(w_correct, dtype=dtype), torch.tensor(w_incorrect, dtype=dtype))
     return weights * mask.to(dtype)
 
@@ -106,16 +125,33 @@ def integrate_advantages(verifier_adv: torch.Tensor, scores: torch.Tensor, group
     :func:`self_reward_loss` instead).
     """
     assert verifier_adv.shape == scores.shape == group_ids.shape == finished.shape and scores.dim() == 1
-    assert std_threshold >= 0, std_threshold
-    mask = finished.bool()
     dtype = torch.promote_types(verifier_adv.dtype, torch.float32)
     a_v = verifier_adv.detach().to(dtype)
-    clamped = scores.detach().to(dtype).clamp(0.0, 1.0)
-    mean, std, _ = group_mean_std(clamped, group_ids, mask)
-    use_self = mask & (std.to(dtype) > std_threshold)
+    clamped, mean, std, use_self = _self_reward_groups(scores, group_ids, finished, std_threshold, dtype)
     # the clamp only keeps the unselected branch of where() finite for std-0 groups
-    a_self = torch.where(use_self, (clamped - mean.to(dtype)) / std.to(dtype).clamp(min=1e-30), a_v)
+    a_self = torch.where(use_self, (clamped - mean) / std.clamp(min=1e-30), a_v)
     return (1 - coef) * a_v + coef * a_self
+
+
+def _self_reward_groups(scores, group_ids, finished, std_threshold: float, dtype):
+    """(clamped scores, their group mean and std over finished responses, whether each response's
+    group is normalised: finished and ``std > std_threshold``). Unfinished scores may be NaN."""
+    assert std_threshold >= 0, std_threshold
+    mask = finished.bool()
+    clamped = torch.where(mask, scores.detach().to(dtype), torch.zeros((), dtype=dtype)).clamp(0.0, 1.0)
+    mean, std, _ = group_mean_std(clamped, group_ids, mask)
+    return clamped, mean.to(dtype), std.to(dtype), mask & (std.to(dtype) > std_threshold)
+
+
+def self_reward_group_share(scores: torch.Tensor, group_ids: torch.Tensor, finished: torch.Tensor,
+                            std_threshold: float = 0.1) -> float:
+    """The share of groups whose clamped self-rewards spread by more than ``std_threshold``: the groups
+    where :func:`integrate_advantages` lets the self-reward into the advantages (elsewhere it falls
+    back to the verifier's). Near 0 means LaSeR changes nothing in training."""
+    _, _, _, use_self = _self_reward_groups(scores, group_ids, finished, std_threshold, torch.float64)
+    groups = torch.unique(group_ids)
+    used = torch.unique(group_ids[use_self])
+    return len(used) / max(len(groups), 1)
 
 
 def self_verification_metrics(scores: torch.Tensor, correct: torch.Tensor, threshold: float = 0.5) -> dict:
@@ -124,8 +160,9 @@ def self_verification_metrics(scores: torch.Tensor, correct: torch.Tensor, thres
     A score above ``threshold`` (0.5) predicts "correct". ``acc_correct`` is the share of correct
     responses predicted correct, ``acc_incorrect`` the share of incorrect ones predicted incorrect,
     and ``f1`` their harmonic mean ``2 a b / (a + b)`` (LaSeR's F1: it is low unless the scores
-    recognise both classes, unlike plain accuracy on an unbalanced set). An empty class gives NaN
-    for its accuracy and for the F1; F1 is 0 when both accuracies are 0. Counts are included.
+    recognise both classes, unlike plain accuracy on an unbalanced set), ``auroc`` the threshold-free
+    :func:`auroc`. An empty class gives NaN for its accuracy, the F1 and the AUROC; F1 is 0 when both
+    accuracies are 0. Counts are included.
     """
     assert scores.shape == correct.shape and scores.dim() == 1
     predicted = scores.detach() > threshold
@@ -137,4 +174,22 @@ def self_verification_metrics(scores: torch.Tensor, correct: torch.Tensor, thres
     total = acc_correct + acc_incorrect
     f1 = 2 * acc_correct * acc_incorrect / total if total > 0 else (0.0 if total == 0 else float("nan"))
     return {"acc_correct": acc_correct, "acc_incorrect": acc_incorrect, "f1": f1,
-            "n_correct": n_correct, "n_incorrect": n_incorrect}
+            "auroc": auroc(scores, is_correct), "n_correct": n_correct, "n_incorrect": n_incorrect}
+
+
+def auroc(scores: torch.Tensor, correct: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` separating correct from incorrect responses: the chance
+    that a random correct response scores above a random incorrect one, ties counting one half
+    (Mann-Whitney U / (N_correct N_incorrect), from the ranks with ties averaged). Unlike F1 at 0.5
+    it does not depend on the threshold, so it shows whether the score ranks answers at all even
+    while its scale is off. NaN when a class is empty."""
+    assert scores.shape == correct.shape and scores.dim() == 1
+    is_correct = correct.bool()
+    n_pos, n_neg = int(is_correct.sum()), int((~is_correct).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(scores.detach().double(), return_inverse=True, return_counts=True)
+    below = torch.cumsum(counts, 0) - counts                  # responses scoring strictly lower
+    ranks = (below + (counts + 1) / 2).double()[inverse]      # 1-based ranks, ties averaged
+    u = float(ranks[is_correct].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)

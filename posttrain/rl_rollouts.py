@@ -247,6 +247,7 @@ class RolloutBatches:
             "verifier_reward_mean": sum(s.correct for s in all_samples) / len(all_samples),
             "trained_reward_mean": float(rewards.mean()),
             "finished": sum(s.finished for s in all_samples) / len(all_samples),
+            "truncated": sum(not s.finished for s in all_samples) / len(all_samples),
             "response_tokens": sum(len(s.tokens) for s in all_samples) / len(all_samples),
             "kept_groups": min(len(kept), st.groups),
         })
@@ -350,13 +351,18 @@ class RolloutBatches:
         logp_zc = self._gather_by_index(zc_logp, len(samples))
         finished = torch.tensor([s.finished for s in samples])
         if st.laser and self.c_ref is None:
-            self.c_ref = laser.c_ref_estimate(torch.tensor(logp_zc), finished) if finished.any() else 0.0
-        scores = torch.tensor([laser.self_reward_score(v, self.c_ref or 0.0, st.laser_beta) for v in logp_zc])
+            # the policy before any update is the reference; no constant is made up from no response
+            self.c_ref = laser.c_ref_estimate(torch.tensor(logp_zc), finished, min_finished=st.group_size)
+        # a truncated response has no z_c, so no score (NaN; never used)
+        scores = torch.tensor([laser.self_reward_score(v, self.c_ref, st.laser_beta) if f and st.laser else math.nan
+                               for v, f in zip(logp_zc, finished.tolist())], dtype=torch.float64)
         verifier_adv = torch.tensor([s.advantage for s in samples], dtype=torch.float64)
+        group_ids = torch.tensor([s.group for s in samples])
         step = rollout * self.updates_per_rollout
-        if st.laser and step >= st.laser_loss_warmup + st.laser_adv_warmup:
-            adv = laser.integrate_advantages(verifier_adv, scores, torch.tensor([s.group for s in samples]),
-                                             finished, coef=st.laser_coef, std_threshold=st.laser_std_threshold)
+        integrating = st.laser and step >= st.laser_loss_warmup + st.laser_adv_warmup
+        if integrating:
+            adv = laser.integrate_advantages(verifier_adv, scores, group_ids, finished, coef=st.laser_coef,
+                                             std_threshold=st.laser_std_threshold)
         else:
             adv = verifier_adv
         correct = torch.tensor([s.correct for s in samples], dtype=torch.float64)
@@ -371,7 +377,7 @@ class RolloutBatches:
                 idx = mb["index"]
                 mb["advantages"] = adv[idx].float()
                 mb["laser_weight"] = mb_weights[idx - lo].float()
-                mb["c_ref"] = torch.full((len(idx),), float(self.c_ref or 0.0))
+                mb["c_ref"] = torch.full((len(idx),), float(self.c_ref) if st.laser else 0.0)
                 mb["loss_scale"] = torch.full((len(idx),), factor / max(tokens, 1))
                 mb["laser_scale"] = torch.full((len(idx),), factor / n_finished)
         for s, sc in zip(samples, scores.tolist()):
@@ -379,6 +385,9 @@ class RolloutBatches:
         if finished.any() and st.laser:
             verification = laser.self_verification_metrics(scores[finished], correct[finished] > 0.5)
             stats.update({f"self_verify_{k}": v for k, v in verification.items()})
+            stats["laser_groups_over_std_threshold"] = laser.self_reward_group_share(
+                scores, group_ids, finished, st.laser_std_threshold)
+            stats["laser_in_advantages"] = float(integrating)
         stats.update({"c_ref": self.c_ref, "advantage_abs_mean": float(adv.abs().mean())})
         self.last_samples = samples
         if self.on_rollout is not None:

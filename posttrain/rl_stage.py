@@ -23,6 +23,7 @@ prompt pool, task accuracy before and after, and the self-reward's verification 
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,18 @@ from megatron.core import parallel_state
 from data_pipelines.code_tasks import generate_code_tasks, load_code_tasks
 from data_pipelines.eval_sets import load_eval_set
 from data_pipelines.instruction_prompts import generate_instruction_prompts
-from data_pipelines.prepare import prepared_tokenizer
+from data_pipelines.prepare import items_fingerprint, prepared_tokenizer
 from data_pipelines.verifiable_tasks import generate_tasks, split_tasks
 from megatron_ext import manifest
 from megatron_ext.batch_sizes import micro_batch_size
 from megatron_ext.errors import ConfigError
-from megatron_ext.generation import Generator, SamplingParams
+from megatron_ext.generation import Generator
 from megatron_ext.metrics import read_metrics
 from megatron_ext.models.recycle_routing import dropless_routing
 from megatron_ext.stage import StageContext, StageResult
 from megatron_ext.stage_training import build_stage_model, load_frozen_model, train_stage
-from posttrain.chat_sampling import eval_tasks, initial_task_accuracy, stage_task_accuracy, stop_ids
+from posttrain import laser
+from posttrain.chat_sampling import eval_tasks, initial_task_accuracy, sampling_params, stage_task_accuracy
 from posttrain.rl_rollouts import RLSettings, RolloutBatches, rl_forward_step_factory
 from posttrain.self_reward_eval import forward_logps, self_reward_eval
 
@@ -118,7 +120,8 @@ def _log_samples(path: Path, rollout: int, batches: RolloutBatches, n: int) -> N
         for s in batches.last_samples[:n]:
             f.write(json.dumps({"rollout": rollout, "item": s.item.id, "mode": s.mode, "finished": s.finished,
                                 "reward": s.reward, "verifier": s.correct, "reason": s.reason,
-                                "advantage": round(s.advantage, 4), "self_reward": s.score,
+                                "advantage": round(s.advantage, 4),
+                                "self_reward": None if math.isnan(s.score) else s.score,
                                 "response": batches.tokenizer.detokenize(s.tokens)}) + "\n")
 
 
@@ -129,21 +132,39 @@ def _loss_summary(sink: dict) -> dict[str, float]:
     return out
 
 
-def _known_c_ref(ctx: StageContext, configured: float | None, own_file: Path) -> float | None:
+def laser_constants(c_ref: float, settings: RLSettings, **extra) -> dict:
+    """What ``laser_c_ref.json`` records: the score's constants. ``r_s = beta * (log pi_T(z_c) - c_ref)``
+    depends on all three: ``log pi_T`` is taken at the sampling temperature ``T`` (logits / T, as
+    LaSeR's reference code takes every log-prob), so whoever scores with this self-reward (stage II,
+    the evaluate stage) must use the same beta and temperature, whatever it samples at."""
+    return {"c_ref": c_ref, "beta": settings.laser_beta, "temperature": settings.temperature, **extra}
+
+
+def _warn(ctx: StageContext, message: str) -> None:
+    if ctx.env.is_main:
+        print(f"warning: stages.{ctx.name}: {message}", flush=True)
+
+
+def _known_c_ref(ctx: StageContext, settings: RLSettings, own_file: Path) -> float | None:
     """LaSeR's c_ref if already known: configured, else this stage's earlier attempt's, else the
     parent RL stage's (stage II continues stage I's self-reward: c_ref stands for the *reference*
     model's log-prob, so it stays the constant stage I trained the score against; re-estimating it
     from the RL'd policy would shift every score). None: estimate it from the first rollout."""
-    if configured is not None:
-        return configured
+    if settings.c_ref is not None:
+        return settings.c_ref
     if own_file.exists():
         return float(json.loads(own_file.read_text())["c_ref"])
     parent_file = Path(ctx.parent_checkpoint).parents[1] / "laser_c_ref.json"
     if parent_file.exists():
-        value = float(json.loads(parent_file.read_text())["c_ref"])
+        parent = json.loads(parent_file.read_text())
+        value = float(parent["c_ref"])
+        for key, ours in (("beta", settings.laser_beta), ("temperature", settings.temperature)):
+            if key in parent and float(parent[key]) != ours:
+                _warn(ctx, f"the self-reward inherited from {parent_file.parent.name} was trained with laser "
+                           f"{key}={parent[key]}, this stage uses {ours}: its scores change meaning")
         if ctx.env.is_main:
             inherited_from = manifest.relative_in(parent_file, ctx.run_dir)   # the run folder may move
-            own_file.write_text(json.dumps({"c_ref": value, "inherited_from": inherited_from}))
+            own_file.write_text(json.dumps(laser_constants(value, settings, inherited_from=inherited_from)))
         return value
     return None
 
@@ -157,14 +178,14 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = prepared_tokenizer(cfg.data, ctx.run_dir / "data", cfg.seed)
     settings = rl_settings(st)
     c_ref_file = ctx.stage_dir / "laser_c_ref.json"
-    settings.c_ref = _known_c_ref(ctx, settings.c_ref, c_ref_file)
+    settings.c_ref = _known_c_ref(ctx, settings, c_ref_file)
+    if settings.laser and settings.c_ref is not None and laser.c_ref_problem(settings.c_ref, settings.laser_beta):
+        _warn(ctx, laser.c_ref_problem(settings.c_ref, settings.laser_beta))
     model = build_stage_model(ctx, tokenizer)
     seq_length = int(model_cfg.seq_length)
     train = st.train
     mbs, gbs = micro_batch_size(train, ctx.env.dp, ctx.env.pp), int(train.global_batch_size)
-    sampling = SamplingParams(temperature=settings.temperature, top_p=float(st.sampling.top_p),
-                              top_k=int(st.sampling.top_k), max_new_tokens=int(st.sampling.max_new_tokens),
-                              stop_token_ids=stop_ids(tokenizer))
+    sampling = sampling_params(st.sampling, tokenizer)
     generator = Generator(model.chunks, model.vocab_size, max_batch_size=int(st.sampling.batch_size))
     holder: dict[str, Any] = {}
 
@@ -172,12 +193,15 @@ def run(ctx: StageContext) -> StageResult:
         trainer = holder["trainer"]
         if ctx.env.is_main:
             if settings.c_ref is None and batches.c_ref is not None and not c_ref_file.exists():
-                c_ref_file.write_text(json.dumps({"c_ref": batches.c_ref, "estimated_at_rollout": rollout}))
+                c_ref_file.write_text(json.dumps(laser_constants(batches.c_ref, settings, estimated_at_rollout=rollout)))
+                if laser.c_ref_problem(batches.c_ref, settings.laser_beta):
+                    _warn(ctx, laser.c_ref_problem(batches.c_ref, settings.laser_beta))
             trainer.metrics.write(rollout * batches.updates_per_rollout, stats, split="rollout")
             _log_samples(ctx.stage_dir / "rollouts.jsonl", rollout, batches, int(st.get("log_samples", 8)))
 
+    pool = prompt_items(st.prompts, st.eval, seed)
     batches = RolloutBatches(
-        items=prompt_items(st.prompts, st.eval, seed), tokenizer=tokenizer, generator=generator,
+        items=pool, tokenizer=tokenizer, generator=generator,
         settings=settings, sampling=sampling, seq_length=seq_length, micro_batch_size=mbs,
         global_batch_size=gbs, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=ctx.env.dp,
         seed=seed, on_rollout=on_rollout)
@@ -213,15 +237,15 @@ def run(ctx: StageContext) -> StageResult:
         "rollouts": len(rollouts),
         "c_ref": batches.c_ref,
     }
+    held_out = eval_tasks(st.eval, seed)
     if settings.laser:
-        held_out = eval_tasks(st.eval, seed)[: int(st.self_reward_eval.num_tasks)]
-        final["self_reward_eval"] = self_reward_eval(batches, held_out, seed + 7)
+        final["self_reward_eval"] = self_reward_eval(batches, held_out[: int(st.self_reward_eval.num_tasks)], seed + 7)
     return StageResult(
         checkpoint=outcome.checkpoint,
         steps=trainer.state.step,
         tokens_seen=trainer.state.tokens_seen,
         final_metrics=final,
-        data_fingerprint=None,
+        data_fingerprint=items_fingerprint({"prompts": pool, "eval": held_out}),
         extra={"rl": {"updates_per_rollout": batches.updates_per_rollout, "prompts": len(batches.items),
                       "kl_coef": settings.kl_coef, "laser": settings.laser},
                "expert_lr_scale": outcome.expert_lr_scale},

@@ -49,7 +49,7 @@ def self_reward_eval(batches: RolloutBatches, tasks, seed: int, equivalent=None)
     for s, lp in zip(samples, logps):
         answer, _ = extract_answer(batches.tokenizer.detokenize(s.tokens))
         kind = getattr(s.item, "kind", "")
-        score = laser.self_reward_score(lp, batches.c_ref or 0.0, st.laser_beta) if s.finished else math.nan
+        score = laser.self_reward_score(lp, batches.c_ref, st.laser_beta) if s.finished else math.nan
         per_prompt.setdefault(s.item.id, []).append(
             Sample(answer=None if answer is None else normalise_answer(answer, kind),
                    correct=s.correct >= 1.0, score=score, finished=s.finished))

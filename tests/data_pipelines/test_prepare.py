@@ -4,7 +4,8 @@ import os
 import pytest
 
 from data_pipelines.errors import DataConfigError
-from data_pipelines.prepare import MANIFEST, data_fingerprint, prepare_data
+from data_pipelines.prepare import MANIFEST, data_fingerprint, items_fingerprint, prepare_data
+from data_pipelines.verifiable_tasks import generate_tasks
 from data_pipelines.tokenizer import load_tokenizer
 
 SMALL = {
@@ -155,3 +156,14 @@ def test_file_sources_go_through_preprocessing(tmp_path, tiny_prepared):
     assert (stats["documents"], stats["rejected_total"], stats["duplicates_dropped"]) == (10, 2, 1)
     rejects = (tmp_path / "out" / "mine.rejects.jsonl").read_text().splitlines()
     assert sorted(json.loads(r)["reason"] for r in rejects) == ["bad_json", "non_string_text"]
+
+
+def test_items_fingerprint_names_exactly_the_items():
+    tasks = generate_tasks(["comparison", "arithmetic"], 6, seed=1, difficulties=[1])
+    again = generate_tasks(["comparison", "arithmetic"], 6, seed=1, difficulties=[1])
+    base = items_fingerprint({"prompts": tasks, "eval": tasks[:2]})
+    assert base == items_fingerprint({"eval": again[:2], "prompts": again})     # same items, any key order
+    changed = [tasks[0].__class__(**{**tasks[0].__dict__, "answer": "other"})] + tasks[1:]
+    for other in ({"prompts": changed, "eval": tasks[:2]}, {"prompts": tasks[::-1], "eval": tasks[:2]},
+                  {"prompts": tasks, "eval": tasks[:3]}, {"pool": tasks, "eval": tasks[:2]}):
+        assert items_fingerprint(other) != base

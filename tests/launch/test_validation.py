@@ -93,6 +93,31 @@ def test_rl_stages_check_their_rollout_shape():
           "stages.rl_stem.prompts.sources.math_file.path='/nonexistent.jsonl'", "no such file")
 
 
+def test_rl_stages_refuse_laser_warmups_that_outlast_the_stage():
+    # rl_stem: 30 steps, warm-ups 4 + 10; rl_general: 10 steps, 0 + 4
+    validate(load_config([]))
+    check(["stages.rl_stem.laser.loss_warmup_steps=30"], "stages.rl_stem.laser.loss_warmup_steps=30",
+          "train.steps=30", "never start")
+    check(["stages.rl_stem.laser.adv_warmup_steps=26"], "loss_warmup_steps + adv_warmup_steps = 4 + 26",
+          "never enter the advantages")
+    check(["stages.rl_general.train.steps=4"], "stages.rl_general.laser", "0 + 4 >= train.steps=4")
+    validate(load_config(["stages.rl_stem.laser.adv_warmup_steps=26", "stages.rl_stem.laser.adv_coef=0"]))
+    validate(load_config(["stages.rl_stem.laser.loss_warmup_steps=30", "stages.rl_stem.laser.enabled=false"]))
+    check(["stages.rl_stem.laser.beta=0"], "stages.rl_stem.laser.beta=0")
+    check(["stages.rl_stem.laser.adv_coef=1.5"], "stages.rl_stem.laser.adv_coef=1.5")
+    check(["stages.rl_stem.laser.adv_warmup_steps=-1"], "stages.rl_stem.laser.adv_warmup_steps=-1")
+
+
+def test_real_size_rl_presets_make_one_update_per_rollout_like_laser():
+    # LaSeR: 128 prompts x 8 samples, one on-policy update of the whole rollout per step
+    for stage in ("rl_stem_turbos", "rl_general_turbos"):
+        cfg = load_config([f"+stage@stages.x={stage}"])
+        st = cfg.stages.x
+        assert st.rl.groups * st.rl.group_size == st.train.global_batch_size == 1024 and st.rl.epochs == 1
+        assert st.laser.loss_warmup_steps + st.laser.adv_warmup_steps < st.train.steps
+        assert st.laser.adv_warmup_steps == 200
+
+
 def test_unknown_stage_kind():
     check(["stages.anneal.kind=distill"], "stages.anneal.kind='distill'", "pretrain")
 

@@ -49,6 +49,19 @@ def test_greedy_is_argmax_with_its_log_prob():
     assert torch.allclose(logp, torch.log_softmax(logits, -1).max(-1).values)
 
 
+def test_banned_tokens_are_never_generated():
+    # token 0 is the argmax and the likeliest sample; banned, it never comes out, greedy or sampled,
+    # and the log-probs are those of the distribution without it
+    logits = torch.tensor([3.0, 1.0, 0.0, 0.5]).repeat(5000, 1)
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(temperature=temperature, banned_token_ids=(0,))
+        tokens, logp = sample_tokens(logits, params, torch.Generator().manual_seed(0))
+        assert (tokens != 0).all()
+        rest = torch.log_softmax(logits[0, 1:] / (temperature or 1.0), dim=-1)
+        assert torch.allclose(logp, rest[tokens - 1])
+    assert (sample_tokens(logits, SamplingParams(temperature=0.0), None)[0] == 0).all()   # not banned: chosen
+
+
 @pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5),
                                          ("top_k", -2), ("max_new_tokens", 0)])
 def test_bad_sampling_params_name_the_field(field, value):

@@ -140,11 +140,14 @@ def test_format_table_rows_and_numbers():
     table = format_table(results)
     lines = table.splitlines()
     assert len(lines) == 4  # header, rule, two sets
-    for title in ("pass@1", "maj@K", "weighted maj@K", "best-of-K", "pass@K", "self-verify F1"):
+    for title in ("pass@1", "maj@K", "weighted maj@K", "best-of-K", "pass@K", "self-verify F1",
+                  "self-verify AUROC"):
         assert title in lines[0]
     math_row = next(line for line in lines if line.startswith("math500"))
     cells = math_row.split()
-    assert cells == ["math500", "3", "4", "25.0", "0.0", "66.7", "66.7", "66.7", "76.9"]
+    # AUROC over the finished samples: correct 0.9, 0.8, 0.7 against 8 incorrect (0.2 0.1 0.3 0.6 0.9
+    # -0.5 0.2 1.5): 0.9 wins 6 pairs and ties 1, 0.8 and 0.7 win 6 each: 18.5 / 24
+    assert cells == ["math500", "3", "4", "25.0", "0.0", "66.7", "66.7", "66.7", "76.9", "77.1"]
     aime_row = next(line for line in lines if line.startswith("aime24"))
-    assert aime_row.split() == ["aime24", "1", "1", "100.0", "100.0", "0.0", "0.0", "100.0", "-"]
+    assert aime_row.split() == ["aime24", "1", "1", "100.0", "100.0", "0.0", "0.0", "100.0", "-", "-"]
     assert len({len(line) for line in lines}) == 1  # fixed width

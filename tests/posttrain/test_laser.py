@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from posttrain.laser import (
+    CRefError,
+    auroc,
     c_ref_estimate,
+    c_ref_problem,
     integrate_advantages,
     self_reward_loss,
     self_reward_score,
+    self_reward_weights,
     self_verification_metrics,
 )
 
@@ -31,6 +35,21 @@ def test_c_ref_is_mean_over_finished_reference_logprobs():
     assert c_ref_estimate(logp_ref, torch.tensor([True, True, False])) == pytest.approx(-22.0)
 
 
+def test_c_ref_refuses_too_few_finished_responses():
+    logp_ref = torch.tensor([-20.0, -24.0, -100.0])
+    with pytest.raises(CRefError, match="0 of 3 responses finished.*max_new_tokens"):
+        c_ref_estimate(logp_ref, torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(CRefError, match="at least 3"):
+        c_ref_estimate(logp_ref, torch.tensor([True, True, False]), min_finished=3)
+
+
+def test_c_ref_problem_when_a_score_of_one_is_unreachable():
+    # score = beta (log p - c_ref) <= -beta c_ref since log p <= 0: 1 is reachable iff c_ref <= -1 / beta
+    assert c_ref_problem(-23.0, 0.1) is None and c_ref_problem(-10.0, 0.1) is None
+    assert "0.800 < 1" in c_ref_problem(-8.0, 0.1)
+    assert c_ref_problem(-8.0, 0.2) is None
+
+
 def test_loss_class_balanced_weights_one_correct_of_four():
     # N = 4 finished, 1 correct: w_correct = 4 / (2 * 1) = 2, w_incorrect = 4 / (2 * 3) = 2/3.
     # squared errors: 0.25 (correct), 0.04, 0, 0.16 (incorrect)
@@ -46,11 +65,15 @@ def test_loss_class_balanced_weights_one_correct_of_four():
     torch.testing.assert_close(scores.grad, torch.tensor([-0.5, 0.2 / 3, 0.0, 0.4 / 3, 0.0]))
 
 
-def test_loss_one_class_absent_is_plain_mse():
-    scores = torch.tensor([0.5, 0.1])
-    assert self_reward_loss(scores, torch.zeros(2), torch.ones(2, dtype=torch.bool)).item() == pytest.approx(0.13)
-    assert self_reward_loss(scores, torch.ones(2), torch.ones(2, dtype=torch.bool)).item() == pytest.approx(
-        (0.25 + 0.81) / 2)
+def test_loss_one_class_batch_weighs_half_as_the_formula_says():
+    # N / (2 N_c) with N_c = N: every response of a one-class batch weighs 0.5 (LaSeR's reference
+    # code), so the loss is half the plain MSE; unfinished responses still weigh 0.
+    finished = torch.tensor([True, True, False])
+    torch.testing.assert_close(self_reward_weights(torch.zeros(3), finished), torch.tensor([0.5, 0.5, 0.0]))
+    torch.testing.assert_close(self_reward_weights(torch.ones(3), finished), torch.tensor([0.5, 0.5, 0.0]))
+    scores = torch.tensor([0.5, 0.1, 7.0])
+    assert self_reward_loss(scores, torch.zeros(3), finished).item() == pytest.approx(0.5 * 0.13)
+    assert self_reward_loss(scores, torch.ones(3), finished).item() == pytest.approx(0.5 * (0.25 + 0.81) / 2)
 
 
 def test_loss_nothing_finished_is_zero_with_grad_path():
@@ -116,3 +139,27 @@ def test_self_verification_metrics():
     assert empty["acc_correct"] == 0.5 and math.isnan(empty["acc_incorrect"]) and math.isnan(empty["f1"])
     zero = self_verification_metrics(torch.tensor([0.2, 0.9]), torch.tensor([1, 0]))
     assert zero["f1"] == 0.0
+
+
+def _auroc_pairs(scores, correct):
+    """The definition: the share of (correct, incorrect) pairs ranked right, ties counting 1/2."""
+    pos = [s for s, c in zip(scores, correct) if c]
+    neg = [s for s, c in zip(scores, correct) if not c]
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_matches_pairwise_definition_with_ties():
+    scores = [0.9, 0.3, 0.3, 0.5, 0.1, 0.3, 0.7, 0.5]
+    correct = [1, 1, 0, 0, 0, 1, 1, 0]
+    assert auroc(torch.tensor(scores), torch.tensor(correct)) == pytest.approx(_auroc_pairs(scores, correct))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        s = torch.randint(0, 6, (40,), generator=g).double() / 5   # many ties
+        c = torch.rand(40, generator=g) < 0.4
+        assert auroc(s, c) == pytest.approx(_auroc_pairs(s.tolist(), c.tolist()))
+    assert auroc(torch.tensor([0.9, 0.1]), torch.tensor([1, 0])) == 1.0
+    assert auroc(torch.tensor([0.1, 0.9]), torch.tensor([1, 0])) == 0.0
+    assert math.isnan(auroc(torch.tensor([0.1, 0.9]), torch.tensor([1, 1])))
+    assert self_verification_metrics(torch.tensor(scores), torch.tensor(correct))["auroc"] == pytest.approx(
+        _auroc_pairs(scores, correct))

@@ -44,6 +44,9 @@ OVERRIDES = [
     *[o.format(s=s) for s in STAGES[4:6] for o in RL],
     "stages.evaluate.k=2", "stages.evaluate.max_problems=4", "stages.evaluate.sets=[amc23]",
     "stages.rl_general.prompts.sources.instruction.weight=0.5",
+    # RL samples (and so scores z_c) at 0.9; the evaluate stage samples at its own 0.7 and must still
+    # score at 0.9
+    "stages.rl_stem.sampling.temperature=0.9", "stages.rl_general.sampling.temperature=0.9",
 ]
 
 
@@ -158,17 +161,24 @@ def test_rl_stages_log_rollouts_and_the_self_reward(run, index):
     for r in rollouts:
         assert 0 <= r["reward_mean"] <= 1 and r["kept_groups"] <= 4
         assert r["c_ref"] == fm["c_ref"]
+        assert r["truncated"] == pytest.approx(1 - r["finished"])
+        assert 0 <= r["laser_groups_over_std_threshold"] <= 1
+    # advantages take the self-reward from update 2 on (rl_stem: loss warm-up 0 + 2; rl_general: 0 + 2)
+    assert [r["laser_in_advantages"] for r in rollouts] == [0.0, 1.0]
+    assert len(m["data_fingerprint"]) == 64
     assert all("kl" in u and "clip_frac" in u and math.isfinite(u["loss"]) for u in updates)
     # c_ref is estimated once, from stage I's first rollout, kept for resumes and inherited by stage II
     c_ref = json.loads((folder / "laser_c_ref.json").read_text())
     stem = json.loads((run / "05_rl_stem" / "laser_c_ref.json").read_text())
     assert stem["estimated_at_rollout"] == 0 and stem["c_ref"] < 0
     assert c_ref["c_ref"] == fm["c_ref"] == stem["c_ref"]
+    assert (c_ref["beta"], c_ref["temperature"]) == (0.1, 0.9)
     if index == 5:
         assert c_ref["inherited_from"] == "05_rl_stem/laser_c_ref.json"   # relative: the run folder may move
     logged = [json.loads(line) for line in (folder / "rollouts.jsonl").read_text().splitlines()]
     assert [r["rollout"] for r in logged] == [0] * 8 + [1] * 8
     assert all(r["reason"] and (r["verifier"] == 1.0 or r["reason"] != "correct") for r in logged)
+    assert all((r["self_reward"] is None) == (not r["finished"]) for r in logged)   # truncated: no score
     ev = fm["self_reward_eval"]
     assert ev["n_prompts"] == 6 and ev["k"] == 4
     assert 0 <= ev["pass_at_1"] <= ev["pass_at_k"] <= 1
@@ -190,4 +200,8 @@ def test_evaluate_writes_the_scaling_table_and_hands_on_the_checkpoint(run):
     for column in ("pass@1", "maj@K", "weighted maj@K", "best-of-K", "self-verify F1"):
         assert column in table
     evaluation = json.loads((run / "07_evaluate" / "evaluation.json").read_text())
-    assert evaluation["c_ref"] == manifest(run, 5)["final_metrics"]["c_ref"]
+    # the self-reward is scored with the constants RL trained it with, not the evaluate stage's sampling
+    assert evaluation["laser"] == {"c_ref": manifest(run, 5)["final_metrics"]["c_ref"], "beta": 0.1,
+                                   "temperature": 0.9}
+    assert evaluation["sampling_temperature"] == 0.7
+    assert len(m["data_fingerprint"]) == 64

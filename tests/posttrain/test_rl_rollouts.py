@@ -4,6 +4,8 @@ A scripted generator stands in for the policy: it answers each task correctly or
 every reward, advantage and drop is known in advance.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from data_pipelines.tokenizer import load_tokenizer
 from data_pipelines.verifiable_tasks import generate_tasks
 from megatron_ext.generation import Generation, SamplingParams
 from posttrain.chat_sampling import prompt_ids
+from posttrain.laser import CRefError
 from posttrain.rl_rollouts import RLSettings, RolloutBatches
 
 BASE = dict(groups=2, group_size=4, epochs=1, max_sampling_rounds=1, clip_eps=0.2, clip_eps_high=None,
@@ -22,8 +25,8 @@ BASE = dict(groups=2, group_size=4, epochs=1, max_sampling_rounds=1, clip_eps=0.
 class ScriptedGenerator:
     """``correct(task, mode, j)`` decides each answer; long-mode answers carry extra words."""
 
-    def __init__(self, tokenizer, tasks, correct):
-        self.tok, self.correct = tokenizer, correct
+    def __init__(self, tokenizer, tasks, correct, finished=None):
+        self.tok, self.correct, self.finished = tokenizer, correct, finished or (lambda task, mode, j: True)
         self.by_prompt = {}
         for t in tasks:
             for mode in ("short", "long"):
@@ -40,8 +43,9 @@ class ScriptedGenerator:
             text = task.solution if self.correct(task, mode, j) else wrong
             if mode == "long":
                 text = "Let me think about this slowly and carefully. " + text
-            tokens = self.tok.tokenize(text) + [self.tok.special_id(special_tokens.END_OF_TURN)]
-            out.append(Generation(tokens, [0.0] * len(tokens), True))
+            done = self.finished(task, mode, j)
+            tokens = self.tok.tokenize(text) + ([self.tok.special_id(special_tokens.END_OF_TURN)] if done else [])
+            out.append(Generation(tokens, [0.0] * len(tokens), done))
         return out
 
 
@@ -50,8 +54,8 @@ def tokenizer(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
 
 
-def batches(tokenizer, tasks, correct, **settings):
-    gen = ScriptedGenerator(tokenizer, tasks, correct)
+def batches(tokenizer, tasks, correct, finished=None, **settings):
+    gen = ScriptedGenerator(tokenizer, tasks, correct, finished)
     st = RLSettings(**{**BASE, **settings})
     return RolloutBatches(items=tasks, tokenizer=tokenizer, generator=gen, settings=st,
                           sampling=SamplingParams(max_new_tokens=64), seq_length=256, micro_batch_size=2,
@@ -129,3 +133,47 @@ def test_rows_are_cut_to_the_longest_sequence_rounded_up_to_64(tokenizer):
     rb.seq_length = length - 1    # never longer than the model's sequence
     long_sample = type(samples[0])(**{**samples[0].__dict__, "tokens": samples[0].tokens * 40})
     assert rb.row_length([long_sample]) == length - 1
+
+
+def _zc_logp_stub(value_of):
+    """A policy stand-in for the rollout's forward pass: every label's log-prob is
+    ``value_of(sample index)``, so log pi(z_c) is known per sample."""
+    def logp_fn(micro):
+        return [torch.stack([torch.full(mb["tokens"].shape[1:], float(value_of(int(i)))) for i in mb["index"]])
+                for mb in micro]
+    return logp_fn
+
+
+def test_rollout_scores_only_finished_responses_and_logs_what_laser_does(tokenizer):
+    tasks = generate_tasks(["comparison"], 2, seed=11, difficulties=[1])
+    logged = {}
+    # answers 0 and 2 of each group are right; answer 3 never finishes (no eos: no z_c, no score)
+    rb = batches(tokenizer, tasks, lambda t, mode, j: j in (0, 2), finished=lambda t, mode, j: j != 3)
+    rb.on_rollout = lambda rollout, stats: logged.update(stats)
+    # z_c log-probs: right answers -2 (score 0.1 * (-2 + 12) = 1.0), wrong ones -12 (score 0)
+    rb.settings.c_ref = rb.c_ref = -12.0
+    rb.logp_fn = lambda micro: _zc_logp_stub(lambda i: -2.0 if rb_samples[i].correct else -12.0)(micro)
+    rb_samples = [s for g in rb._sample_groups(rb.items[:2], 0, 0) for s in g]   # what _collect will draw
+    rb._prepare(rollout=0)
+    samples = rb.last_samples
+    assert [s.finished for s in samples] == [True, True, True, False] * 2
+    assert [s.score for s in samples if s.finished] == pytest.approx([1.0, 0.0, 1.0] * 2)
+    assert all(math.isnan(s.score) for s in samples if not s.finished)      # no made-up score
+    assert logged["truncated"] == pytest.approx(0.25) and logged["finished"] == pytest.approx(0.75)
+    assert logged["self_verify_f1"] == 1.0 and logged["self_verify_auroc"] == 1.0
+    # both groups' finished scores [1, 0, 1] spread (std 0.577 > 0.1): LaSeR is in both groups' advantages
+    assert logged["laser_groups_over_std_threshold"] == 1.0 and logged["laser_in_advantages"] == 1.0
+
+
+def test_c_ref_is_never_estimated_from_too_few_finished_responses(tokenizer):
+    tasks = generate_tasks(["comparison"], 2, seed=11, difficulties=[1])
+    rb = batches(tokenizer, tasks, lambda t, mode, j: j == 0, finished=lambda t, mode, j: j == 0, c_ref=None)
+    rb.logp_fn = _zc_logp_stub(lambda i: -3.0)
+    # 2 of 8 responses finished, fewer than a group (4): refused, with the way out in the message
+    with pytest.raises(CRefError, match="2 of 8 responses finished.*max_new_tokens.*laser.c_ref"):
+        rb._prepare(rollout=0)
+    assert rb.c_ref is None
+    enough = batches(tokenizer, tasks, lambda t, mode, j: j == 0, finished=lambda t, mode, j: j < 2, c_ref=None)
+    enough.logp_fn = _zc_logp_stub(lambda i: -3.0)
+    enough._prepare(rollout=0)
+    assert enough.c_ref == pytest.approx(-3.0)
