@@ -104,7 +104,8 @@ def run(ctx: StageContext) -> StageResult:
             if not fits:
                 results[name] = {"n_prompts": 0, "skipped_too_long": len(items)}
                 continue
-            results[name] = {**self_reward_eval(batches, fits, seed + 1000 * i, equivalent=equivalent),
+            results[name] = {**self_reward_eval(batches, fits, seed + 1000 * i, equivalent=equivalent,
+                                                ks=st.get("scaling_k") or ()),
                              "skipped_too_long": len(items) - len(fits)}
     table = format_table({name: r for name, r in results.items() if r["n_prompts"]})
     skipped = {name: r["skipped_too_long"] for name, r in results.items() if r["skipped_too_long"]}

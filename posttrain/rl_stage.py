@@ -204,7 +204,7 @@ def run(ctx: StageContext) -> StageResult:
         items=pool, tokenizer=tokenizer, generator=generator,
         settings=settings, sampling=sampling, seq_length=seq_length, micro_batch_size=mbs,
         global_batch_size=gbs, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=ctx.env.dp,
-        seed=seed, on_rollout=on_rollout)
+        seed=seed + int(st.rl.get("seed_offset", 0)), on_rollout=on_rollout)
     forward_step = rl_forward_step_factory(settings, batches)
     # the frozen reference policy: the parent's weights
     ref_chunks = load_frozen_model(ctx, tokenizer, ctx.parent_checkpoint) if settings.kl_coef > 0 else None

@@ -36,12 +36,14 @@ def forward_logps(chunks, microbatches: list[dict], forward_step) -> list:
     return [d["logp"] for d in out] if out else [None] * len(microbatches)
 
 
-def self_reward_eval(batches: RolloutBatches, tasks, seed: int, equivalent=None) -> dict[str, Any]:
+def self_reward_eval(batches: RolloutBatches, tasks, seed: int, equivalent=None, ks=()) -> dict[str, Any]:
     """LaSeR at test time on held-out tasks: ``group_size`` samples each, scored by the self-reward
     (one extra token), against the verifier: self-verification accuracy on correct and on incorrect
-    answers and their F1 (chance: 0.5 each), and pass@1 / majority / self-reward-weighted majority /
-    best-of-K (:func:`posttrain.inference_scaling.aggregate`; ``equivalent`` groups answers for the
-    votes, exact match after normalising by default)."""
+    answers, their F1 (chance: 0.5 each) and the AUROC, and pass@1 / majority / self-reward-weighted
+    majority / best-of-K (:func:`posttrain.inference_scaling.aggregate`; ``equivalent`` groups answers
+    for the votes, exact match after normalising by default). ``at_k`` repeats the aggregate on each
+    prompt's first K samples for every K in ``ks`` below ``group_size``: the inference-time scaling
+    curve from one set of samples."""
     st = batches.settings
     samples = batches.sample(list(tasks), seed)
     logps = batches.zc_logprobs(samples)
@@ -53,5 +55,13 @@ def self_reward_eval(batches: RolloutBatches, tasks, seed: int, equivalent=None)
         per_prompt.setdefault(s.item.id, []).append(
             Sample(answer=None if answer is None else normalise_answer(answer, kind),
                    correct=s.correct >= 1.0, score=score, finished=s.finished))
-    result = aggregate([PromptSamples(pid, group) for pid, group in per_prompt.items()], equivalent=equivalent)
+    result = _plain(aggregate([PromptSamples(pid, group) for pid, group in per_prompt.items()], equivalent=equivalent))
+    at_k = {str(k): _plain(aggregate([PromptSamples(pid, group[:k]) for pid, group in per_prompt.items()],
+                                     equivalent=equivalent))
+            for k in sorted(set(int(k) for k in ks)) if 0 < k < st.group_size}
+    return {**result, "at_k": at_k} if at_k else result
+
+
+def _plain(result: dict[str, Any]) -> dict[str, Any]:
+    """NaN (a class without samples) as None, which JSON can hold."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}

@@ -42,7 +42,8 @@ OVERRIDES = [
     *[o.format(s=s) for s in STAGES[1:4] for o in SAMPLING],
     *[o.format(s=s) for s in STAGES[1:6] for o in TRAIN],
     *[o.format(s=s) for s in STAGES[4:6] for o in RL],
-    "stages.evaluate.k=2", "stages.evaluate.max_problems=4", "stages.evaluate.sets=[amc23]",
+    "stages.evaluate.k=2", "stages.evaluate.scaling_k=[1]", "stages.evaluate.max_problems=4",
+    "stages.evaluate.sets=[amc23]",
     "stages.rl_general.prompts.sources.instruction.weight=0.5",
     # RL samples (and so scores z_c) at 0.9; the evaluate stage samples at its own 0.7 and must still
     # score at 0.9
@@ -195,6 +196,8 @@ def test_evaluate_writes_the_scaling_table_and_hands_on_the_checkpoint(run):
     synthetic = results["synthetic"]
     assert synthetic["n_prompts"] == 4 and synthetic["k"] == 2 and synthetic["skipped_too_long"] == 0
     assert synthetic["pass_at_1"] <= synthetic["pass_at_k"]
+    one = synthetic["at_k"]["1"]     # each prompt's first answer: pass@K is pass@1
+    assert one["k"] == 1 and one["pass_at_k"] == one["pass_at_1"]
     assert results["amc23"]["n_prompts"] + results["amc23"]["skipped_too_long"] == 4
     table = (run / "evaluation.txt").read_text()
     for column in ("pass@1", "maj@K", "weighted maj@K", "best-of-K", "self-verify F1"):

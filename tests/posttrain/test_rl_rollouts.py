@@ -177,3 +177,21 @@ def test_c_ref_is_never_estimated_from_too_few_finished_responses(tokenizer):
     enough.logp_fn = _zc_logp_stub(lambda i: -3.0)
     enough._prepare(rollout=0)
     assert enough.c_ref == pytest.approx(-3.0)
+
+
+def test_self_reward_eval_reports_the_scaling_curve_from_one_set_of_samples(tokenizer):
+    from posttrain.self_reward_eval import self_reward_eval
+
+    tasks = generate_tasks(["comparison"], 3, seed=13, difficulties=[1])
+    # per prompt: answers 1 and 3 right (of 4); the self-reward says 1.0 for right, 0.0 for wrong
+    rb = batches(tokenizer, tasks, lambda t, mode, j: j in (1, 3))
+    rb.c_ref = -10.0
+    rb.logp_fn = _zc_logp_stub(lambda i: 0.0 if i % 4 in (1, 3) else -10.0)
+    out = self_reward_eval(rb, tasks, seed=0, ks=[1, 2, 4, 8])
+    assert set(out["at_k"]) == {"1", "2"}          # only K below the samples per prompt
+    one, two = out["at_k"]["1"], out["at_k"]["2"]
+    # first answer only: wrong everywhere; first two: one right, one wrong, the score picks the right one
+    assert one["k"] == 1 and one["pass_at_1"] == one["pass_at_k"] == one["best_of_k"] == 0.0
+    assert two["k"] == 2 and two["pass_at_1"] == 0.5 and two["pass_at_k"] == 1.0
+    assert two["majority"] == 0.0 and two["weighted_majority"] == two["best_of_k"] == 1.0   # tie -> earliest
+    assert out["k"] == 4 and out["pass_at_1"] == 0.5 and out["auroc"] == 1.0 and out["f1"] == 1.0
