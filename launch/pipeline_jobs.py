@@ -127,15 +127,17 @@ def _describe_changes(old: dict, new: dict, limit: int = 5) -> str:
 
 def parent_checkpoint(run_dir: Path, cfg: DictConfig, name: str) -> str | None:
     """Where a stage starts, as an absolute path: its ``init_from`` (relative to the working directory,
-    where validation found it), else the previous stage's final checkpoint (which must be complete),
-    else random init for the first stage."""
+    where validation found it), else the final checkpoint (which must be complete) of its ``parent``
+    stage, by default the previous one in ``pipeline.order`` (a ``parent`` further back branches the
+    run: several stages start from one checkpoint, e.g. the arms of a study), else random init for the
+    first stage."""
     if cfg.stages[name].get("init_from"):
         return os.path.abspath(str(cfg.stages[name].init_from))
     index = stage_index(cfg, name)
     if index == 0:
         return None
-    previous = cfg.pipeline.order[index - 1]
-    pdir = stage_dir(run_dir, index - 1, previous)
+    previous = cfg.stages[name].get("parent") or cfg.pipeline.order[index - 1]
+    pdir = stage_dir(run_dir, stage_index(cfg, previous), previous)
     done = manifest.read(pdir)
     if done is None or done["status"] != manifest.COMPLETE:
         raise ConfigError(f"stage {name!r} starts from {previous!r}, which has not completed "

@@ -406,6 +406,13 @@ def validate(cfg: Mapping) -> dict[str, int]:
             validate_sampling_stage(name, st, order)
         if kind == "rl":
             validate_rl_stage(name, st, order)
+        parent = st.get("parent")
+        if parent is not None and (parent not in order or order.index(parent) >= order.index(name)):
+            raise ConfigError(f"stages.{name}.parent={parent!r}: name a stage before {name!r} in pipeline.order "
+                              f"{order} (or leave it null: the previous stage)")
+        if parent is not None and st.get("init_from"):
+            raise ConfigError(f"stages.{name}: set parent or init_from, not both (init_from={st.get('init_from')!r}, "
+                              f"parent={parent!r})")
         init_from = st.get("init_from")
         if init_from and not os.path.isdir(init_from):
             raise ConfigError(

@@ -102,16 +102,19 @@ def task_accuracy(generator: Generator, tokenizer, tasks: Sequence[Task], thinki
     gens = generator.generate_sharded([prompt_ids(tokenizer, t.prompt, thinking) for t in tasks], params)
     by_kind: dict[str, list[float]] = defaultdict(list)
     by_level: dict[int, list[float]] = defaultdict(list)
+    tokens_by_level: dict[int, list[int]] = defaultdict(list)
     for task, gen in zip(tasks, gens):
         reward, _ = verify(task, response_text(tokenizer, gen))
         by_kind[task.kind].append(reward)
         by_level[task.difficulty].append(reward)
+        tokens_by_level[task.difficulty].append(len(gen.tokens))
     rewards = [r for rs in by_kind.values() for r in rs]
     return {
         "accuracy": sum(rewards) / max(len(rewards), 1),
         "n": len(rewards),
         "by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
         "by_difficulty": {str(d): round(sum(v) / len(v), 4) for d, v in sorted(by_level.items())},
+        "response_tokens_by_difficulty": {str(d): round(sum(v) / len(v), 2) for d, v in sorted(tokens_by_level.items())},
         "finished": sum(g.finished for g in gens) / max(len(gens), 1),
         "mean_response_tokens": sum(len(g.tokens) for g in gens) / max(len(gens), 1),
         "thinking": thinking,

@@ -41,13 +41,18 @@ from posttrain.self_reward_eval import forward_logps, self_reward_eval
 
 def laser_constants(ctx: StageContext) -> dict[str, float]:
     """The self-reward's ``c_ref``, ``beta`` and scoring ``temperature``: each from the config where
-    set, else from the parent RL stage's ``laser_c_ref.json`` (the constants it trained the score
-    with; the z_c log-prob is taken at that temperature, whatever this stage samples at)."""
+    set, else from the ``laser_c_ref.json`` of the RL stage ``laser.from_stage`` names (default: the
+    parent): the constants it trained the score with; the z_c log-prob is taken at that temperature,
+    whatever this stage samples at. Naming another stage scores a checkpoint that never trained the
+    score (SFT, plain GRPO) with the same constants: a baseline."""
     configured = {k: ctx.stage_cfg.laser.get(k) for k in ("c_ref", "beta", "temperature")}
     missing = [k for k, v in configured.items() if v is None]
     if not missing:
         return {k: float(v) for k, v in configured.items()}
-    path = Path(ctx.parent_checkpoint).parents[1] / "laser_c_ref.json"
+    source = ctx.stage_cfg.laser.get("from_stage")
+    checkpoint = (ctx.checkpoint_of(source, f"stages.{ctx.name}.laser.from_stage") if source
+                  else Path(ctx.parent_checkpoint))
+    path = Path(checkpoint).parents[1] / "laser_c_ref.json"
     recorded = json.loads(path.read_text()) if path.exists() else {}
     unknown = [k for k in missing if k not in recorded]
     if unknown:

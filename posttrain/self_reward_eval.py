@@ -41,8 +41,9 @@ def self_reward_eval(batches: RolloutBatches, tasks, seed: int, equivalent=None,
     (one extra token), against the verifier: self-verification accuracy on correct and on incorrect
     answers, their F1 (chance: 0.5 each) and the AUROC, and pass@1 / majority / self-reward-weighted
     majority / best-of-K (:func:`posttrain.inference_scaling.aggregate`; ``equivalent`` groups answers
-    for the votes, exact match after normalising by default). ``at_k`` repeats the aggregate on each
-    prompt's first K samples for every K in ``ks`` below ``group_size``: the inference-time scaling
+    for the votes, exact match after normalising by default), with every finished sample's score by
+    correctness (``scores``, for histograms). ``at_k`` repeats the aggregate on each prompt's first K
+    samples for every K in ``ks`` below ``group_size``: the inference-time scaling
     curve from one set of samples."""
     st = batches.settings
     samples = batches.sample(list(tasks), seed)
@@ -56,6 +57,9 @@ def self_reward_eval(batches: RolloutBatches, tasks, seed: int, equivalent=None,
             Sample(answer=None if answer is None else normalise_answer(answer, kind),
                    correct=s.correct >= 1.0, score=score, finished=s.finished))
     result = _plain(aggregate([PromptSamples(pid, group) for pid, group in per_prompt.items()], equivalent=equivalent))
+    finished = [s for group in per_prompt.values() for s in group if s.finished]
+    result["scores"] = {"correct": [round(s.score, 4) for s in finished if s.correct],      # histograms
+                        "incorrect": [round(s.score, 4) for s in finished if not s.correct]}
     at_k = {str(k): _plain(aggregate([PromptSamples(pid, group[:k]) for pid, group in per_prompt.items()],
                                      equivalent=equivalent))
             for k in sorted(set(int(k) for k in ks)) if 0 < k < st.group_size}

@@ -1,5 +1,6 @@
 """Bad configs fail before any process starts, with the field and the fix in the message."""
 
+import json
 import subprocess
 import sys
 import time
@@ -106,6 +107,22 @@ def test_rl_stages_refuse_laser_warmups_that_outlast_the_stage():
     check(["stages.rl_stem.laser.beta=0"], "stages.rl_stem.laser.beta=0")
     check(["stages.rl_stem.laser.adv_coef=1.5"], "stages.rl_stem.laser.adv_coef=1.5")
     check(["stages.rl_stem.laser.adv_warmup_steps=-1"], "stages.rl_stem.laser.adv_warmup_steps=-1")
+
+
+def test_parent_names_an_earlier_stage_and_branches_the_run(tmp_path):
+    from launch.pipeline_jobs import parent_checkpoint
+
+    check(["+stages.rl_stem.parent=evaluate"], "stages.rl_stem.parent='evaluate'", "before 'rl_stem'")
+    check(["+stages.rl_stem.parent=distill"], "stages.rl_stem.parent='distill'")
+    check(["+stages.rl_stem.parent=sft", f"stages.rl_stem.init_from={tmp_path}"], "parent or init_from, not both")
+    cfg = load_config(["+stages.rl_stem.parent=sft"])
+    validate(cfg)
+    with pytest.raises(ConfigError, match="starts from 'sft', which has not completed"):   # not the previous stage
+        parent_checkpoint(tmp_path, cfg, "rl_stem")
+    sft = tmp_path / "04_sft"
+    sft.mkdir()
+    (sft / "manifest.json").write_text(json.dumps({"status": "complete", "checkpoint": "checkpoints/iter_0000240"}))
+    assert parent_checkpoint(tmp_path, cfg, "rl_stem") == str(sft / "checkpoints/iter_0000240")
 
 
 def test_real_size_rl_presets_make_one_update_per_rollout_like_laser():

@@ -1,0 +1,265 @@
+"""The post-training study (issue 19): does each post-training stage make the tiny model better?
+
+    .venv/bin/python benchmarks/posttrain_study.py [--run-dir runs/study] [--out benchmarks/results/posttrain_study.json]
+                                                  [--no-run] [overrides...]
+
+Runs ``python -m launch pipeline=study`` (launch/conf/pipeline/study.yaml: pretraining and SFT, CoT
+fusion and two deliberation rounds, RL from the SFT checkpoint in two arms, plain GRPO and GRPO +
+LaSeR, three rollout seeds each, and a 16-sample evaluation of every arm and of the SFT model), or with
+``--no-run`` reads a finished run folder, and writes what it measured: each figure with its mean and
+spread over the seeds, the claims it tests (held or not), and plots in ``<out stem>/``:
+
+- greedy accuracy on the 120 held-out tasks: pretrained (SFT's "before"), SFT, GRPO, GRPO + LaSeR;
+- LaSeR's self-verification (F1 of ``r_s > 0.5`` and AUROC against the verifier) on the policy's own
+  samples: the first rollout (before any update) and the last one, and on the held-out tasks after RL;
+  plain GRPO's and the SFT model's untrained score, read with the same constants, as the control;
+- inference-time scaling at K = 4, 8, 16: majority vs self-reward-weighted majority vs best-of-K;
+- CoT fusion: per difficulty, accuracy and response tokens of the fused model in short and long mode
+  against the SFT model's;
+- deliberation: each round's model against the previous round's (win rate over judged pairs).
+
+The run folder resumes like any pipeline run: re-running the command skips finished stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_record import REPO, command, git_commit, library_versions, machine, write_result  # noqa: E402
+
+SEEDS = (0, 1, 2)
+ARMS = ("grpo", "laser")
+K_CURVE = ("4", "8", "16")
+VOTES = ("pass_at_1", "majority", "weighted_majority", "best_of_k", "pass_at_k")
+
+
+def stage(run: Path, name: str) -> dict:
+    found = sorted(run.glob(f"[0-9][0-9]_{name}/manifest.json"))
+    if not found:
+        raise SystemExit(f"{run}: no finished stage {name!r}; run the study first (without --no-run)")
+    m = json.loads(found[0].read_text())
+    if m.get("status") != "complete":
+        raise SystemExit(f"{found[0]}: stage {name!r} is {m.get('status')}; re-run the study to finish it")
+    return {**m, "dir": found[0].parent}
+
+
+def spread(values: list[float | None]) -> dict:
+    """Mean, sample std, min, max and the values themselves (None where a value is undefined)."""
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return {"mean": None, "std": None, "min": None, "max": None, "values": values}
+    return {"mean": round(statistics.fmean(xs), 4), "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
+            "min": round(min(xs), 4), "max": round(max(xs), 4), "values": values}
+
+
+def rollouts(run: Path, name: str) -> list[dict]:
+    lines = (stage(run, name)["dir"] / "metrics" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("split") == "rollout"]
+
+
+def evaluation(run: Path, name: str) -> dict:
+    return json.loads((stage(run, name)["dir"] / "evaluation.json").read_text())["results"]["synthetic"]
+
+
+def accuracy_section(run: Path) -> dict:
+    sft = stage(run, "sft")["final_metrics"]
+    out = {"pretrained": sft["initial_task_accuracy"]["accuracy"], "sft": sft["task_accuracy"]["accuracy"]}
+    for arm in ARMS:
+        out[arm] = spread([stage(run, f"rl_{arm}_s{s}")["final_metrics"]["task_accuracy"]["accuracy"] for s in SEEDS])
+    return out
+
+
+def verification_section(run: Path) -> dict:
+    def first_last(key: str) -> dict:
+        return {"first_rollout": spread([rollouts(run, f"rl_laser_s{s}")[0].get(key) for s in SEEDS]),
+                "last_rollout": spread([rollouts(run, f"rl_laser_s{s}")[-1].get(key) for s in SEEDS])}
+
+    return {
+        "laser_on_own_samples": {"f1": first_last("self_verify_f1"), "auroc": first_last("self_verify_auroc")},
+        "held_out_after_rl": {arm: {m: spread([evaluation(run, f"eval_{arm}_s{s}")[m] for s in SEEDS])
+                                    for m in ("f1", "auroc")} for arm in ARMS},
+        "held_out_sft": {m: evaluation(run, "eval_sft")[m] for m in ("f1", "auroc")},
+    }
+
+
+def scaling_section(run: Path) -> dict:
+    def at(result: dict, k: str) -> dict:
+        return result if k == str(result["k"]) else result["at_k"][k]
+
+    out = {"sft": {k: {v: at(evaluation(run, "eval_sft"), k)[v] for v in VOTES} for k in K_CURVE}}
+    for arm in ARMS:
+        out[arm] = {k: {v: spread([at(evaluation(run, f"eval_{arm}_s{s}"), k)[v] for s in SEEDS]) for v in VOTES}
+                    for k in K_CURVE}
+    return out
+
+
+def fusion_section(run: Path) -> dict:
+    fm = stage(run, "cot_fusion")["final_metrics"]
+
+    def per_mode(accuracies: dict) -> dict:
+        return {mode: {"accuracy": a["accuracy"], "by_difficulty": a["by_difficulty"],
+                       "mean_response_tokens": round(a["mean_response_tokens"], 2),
+                       "response_tokens_by_difficulty": a.get("response_tokens_by_difficulty")}
+                for mode, a in accuracies.items()}
+
+    return {"sft": per_mode(fm["initial_task_accuracy"]), "fused": per_mode(fm["task_accuracy"])}
+
+
+def deliberation_section(run: Path) -> dict:
+    out = {}
+    for name in ("deliberation_1", "deliberation_2"):
+        m = stage(run, name)
+        win = m["deliberation"]["win_rates"]
+        out[name] = {"candidate": "parent of " + name, "by_reference": {ref: round(w["win_rate"], 4)
+                                                                       for ref, w in win["by_reference"].items()},
+                     "n_pairs": win["overall"]["n"],
+                     "accuracy_before_after": [m["final_metrics"]["initial_task_accuracy"]["accuracy"],
+                                               m["final_metrics"]["task_accuracy"]["accuracy"]]}
+    return out
+
+
+def curves(run: Path) -> dict:
+    keys = ("verifier_reward_mean", "self_verify_auroc", "self_verify_f1", "laser_groups_over_std_threshold")
+    return {f"{arm}_s{s}": {k: [r.get(k) for r in rollouts(run, f"rl_{arm}_s{s}")] for k in keys}
+            for arm in ARMS for s in SEEDS}
+
+
+def claims(result: dict) -> list[dict]:
+    """Each claim the study tests, with the numbers that decide it (mean over seeds; "held" needs the
+    difference to exceed the seeds' spread, so one lucky seed does not make a claim hold)."""
+    acc, ver, sc = result["accuracy"], result["self_verification"], result["inference_scaling"]
+    out = []
+
+    def add(claim: str, held: bool, evidence: str) -> None:
+        out.append({"claim": claim, "held": bool(held), "evidence": evidence})
+
+    for arm in ARMS:
+        a = acc[arm]
+        add(f"RL ({arm}) raises greedy accuracy over SFT", a["min"] > acc["sft"],
+            f"SFT {acc['sft']:.3f}; {arm} {a['mean']:.3f} +- {a['std']:.3f} (min {a['min']:.3f})")
+    after = ver["held_out_after_rl"]
+    add("LaSeR's self-reward tells right from wrong (held-out AUROC above plain GRPO's untrained score)",
+        after["laser"]["auroc"]["min"] > after["grpo"]["auroc"]["max"],
+        f"AUROC LaSeR {after['laser']['auroc']['mean']:.3f} +- {after['laser']['auroc']['std']:.3f}, "
+        f"GRPO {after['grpo']['auroc']['mean']:.3f} +- {after['grpo']['auroc']['std']:.3f}, "
+        f"SFT {ver['held_out_sft']['auroc']:.3f}; F1 LaSeR {after['laser']['f1']['mean']}")
+    add("LaSeR matches plain GRPO's accuracy (within the seeds' spread)",
+        abs(acc["laser"]["mean"] - acc["grpo"]["mean"]) <= max(acc["laser"]["std"], acc["grpo"]["std"]) * 2,
+        f"LaSeR {acc['laser']['mean']:.3f}, GRPO {acc['grpo']['mean']:.3f}")
+    k16 = sc["laser"]["16"]
+    add("self-reward-weighted majority beats plain majority at K = 16 (LaSeR arm)",
+        k16["weighted_majority"]["mean"] > k16["majority"]["mean"],
+        f"weighted {k16['weighted_majority']['mean']:.3f} vs majority {k16['majority']['mean']:.3f} "
+        f"(best-of-K {k16['best_of_k']['mean']:.3f}, pass@1 {k16['pass_at_1']['mean']:.3f})")
+    fused, sft = result["cot_fusion"]["fused"], result["cot_fusion"]["sft"]
+    add("CoT fusion keeps short-mode accuracy while adding a long mode",
+        fused["short"]["accuracy"] >= sft["short"]["accuracy"],
+        f"short {sft['short']['accuracy']:.3f} -> {fused['short']['accuracy']:.3f}, "
+        f"long {sft['long']['accuracy']:.3f} -> {fused['long']['accuracy']:.3f}")
+    for name, d in result["deliberation"].items():
+        rates = d["by_reference"]
+        add(f"{name}: the candidate wins more than it loses against each reference",
+            all(r > 0.5 for r in rates.values()), f"win rates {rates}; accuracy {d['accuracy_before_after']}")
+    return out
+
+
+def plots(result: dict, folder: Path) -> list[str]:
+    from matplotlib.figure import Figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig = Figure(figsize=(10, 4))
+    for i, (key, title) in enumerate((("verifier_reward_mean", "verifier reward per rollout"),
+                                      ("self_verify_auroc", "self-reward AUROC per rollout (own samples)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for name, c in result["curves"].items():
+            if key == "self_verify_auroc" and name.startswith("grpo"):
+                continue
+            ax.plot([v if v is not None else math.nan for v in c[key]], label=name,
+                    color="tab:orange" if name.startswith("laser") else "tab:blue", alpha=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("rollout (= update)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "learning_curves.png", dpi=100)
+    written.append("learning_curves.png")
+
+    fig = Figure(figsize=(10, 3.5))
+    for i, arm in enumerate(("sft",) + ARMS):
+        ax = fig.add_subplot(1, 3, i + 1)
+        scores = result["score_samples"][arm]
+        ax.hist([scores["correct"], scores["incorrect"]], bins=30, label=["correct", "incorrect"],
+                color=["tab:green", "tab:red"], alpha=0.7, histtype="stepfilled")
+        ax.set_title(f"self-reward r_s, held out: {arm}" + ("" if arm == "sft" else " (seed 0)"))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "self_reward_histograms.png", dpi=100)
+    written.append("self_reward_histograms.png")
+
+    fig = Figure(figsize=(10, 3.5))
+    for i, arm in enumerate(("sft",) + ARMS):
+        ax = fig.add_subplot(1, 3, i + 1)
+        curve = result["inference_scaling"][arm]
+        for vote in VOTES[:4]:
+            ys = [curve[k][vote]["mean"] if arm != "sft" else curve[k][vote] for k in K_CURVE]
+            ax.plot([int(k) for k in K_CURVE], ys, marker="o", label=vote)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"held-out accuracy vs K: {arm}")
+        ax.set_xlabel("K samples")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "voting_curves.png", dpi=100)
+    written.append("voting_curves.png")
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default=str(REPO / "runs" / "study"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "posttrain_study.json"))
+    parser.add_argument("--no-run", action="store_true", help="only read a finished run folder")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the study pipeline")
+    args = parser.parse_args()
+    run = Path(args.run_dir).resolve()
+    wall = None
+    if not args.no_run:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "launch", "pipeline=study", f"run_dir={run}", *args.overrides],
+                              cwd=REPO)
+        if proc.returncode != 0:
+            sys.exit(f"the study pipeline failed ({proc.returncode}); re-run to resume it (logs in {run})")
+        wall = round(time.perf_counter() - start, 1)
+
+    result = {
+        "command": command(), "commit": git_commit(), "machine": machine(), "libraries": library_versions(),
+        "run_dir": str(run), "wall_time_s": wall,
+        "stage_wall_time_s": {p.parent.name: round(json.loads(p.read_text())["wall_time_s"], 1)
+                              for p in sorted(run.glob("[0-9][0-9]_*/manifest.json"))},
+        "seeds": list(SEEDS),
+        "accuracy": accuracy_section(run),
+        "self_verification": verification_section(run),
+        "inference_scaling": scaling_section(run),
+        "cot_fusion": fusion_section(run),
+        "deliberation": deliberation_section(run),
+        "curves": curves(run),
+        "score_samples": {"sft": evaluation(run, "eval_sft")["scores"],
+                          **{arm: evaluation(run, f"eval_{arm}_s0")["scores"] for arm in ARMS}},
+    }
+    result["claims"] = claims(result)
+    out = Path(args.out)
+    result["plots"] = [str((out.parent / out.stem / p).relative_to(REPO)) for p in plots(result, out.parent / out.stem)]
+    write_result(out, result)
+    for c in result["claims"]:
+        print(f"[{'held' if c['held'] else 'did not hold'}] {c['claim']}: {c['evidence']}")
+
+
+if __name__ == "__main__":
+    main()
