@@ -14,8 +14,8 @@ spread over the seeds, the claims it tests (held or not), and plots in ``<out st
   samples: the first rollout (before any update) and the last one, and on the held-out tasks after RL;
   plain GRPO's and the SFT model's untrained score, read with the same constants, as the control;
 - inference-time scaling at K = 4, 8, 16: majority vs self-reward-weighted majority vs best-of-K;
-- CoT fusion: per difficulty, accuracy and response tokens of the fused model in short and long mode
-  against the SFT model's;
+- CoT fusion: per difficulty, accuracy and response tokens of the fused model asked in short and in
+  long mode against the SFT model's, and left to choose its mode: the share of short answers;
 - deliberation: each round's model against the previous round's (win rate over judged pairs).
 
 The run folder resumes like any pipeline run: re-running the command skips finished stages.
@@ -101,16 +101,22 @@ def scaling_section(run: Path) -> dict:
     return out
 
 
-def fusion_section(run: Path) -> dict:
-    fm = stage(run, "cot_fusion")["final_metrics"]
+def fusion_section(run: Path, fusion_stage: Path | None) -> dict:
+    """Greedy accuracy and response tokens per difficulty of the SFT model and the fused one, asked in
+    short and in long mode, and (``auto``, with ``fusion.model_picks_mode``) left to choose: then the
+    share of each mode it chose per difficulty."""
+    folder = fusion_stage or stage(run, "cot_fusion")["dir"]
+    fm = json.loads((Path(folder) / "manifest.json").read_text())["final_metrics"]
 
     def per_mode(accuracies: dict) -> dict:
         return {mode: {"accuracy": a["accuracy"], "by_difficulty": a["by_difficulty"],
                        "mean_response_tokens": round(a["mean_response_tokens"], 2),
-                       "response_tokens_by_difficulty": a.get("response_tokens_by_difficulty")}
+                       "response_tokens_by_difficulty": a.get("response_tokens_by_difficulty"),
+                       **({"mode_share_by_difficulty": a["mode_share_by_difficulty"]}
+                          if "mode_share_by_difficulty" in a else {})}
                 for mode, a in accuracies.items()}
 
-    return {"sft": per_mode(fm["initial_task_accuracy"]), "fused": per_mode(fm["task_accuracy"])}
+    return {"stage": str(folder), "sft": per_mode(fm["initial_task_accuracy"]), "fused": per_mode(fm["task_accuracy"])}
 
 
 def deliberation_section(run: Path) -> dict:
@@ -164,6 +170,16 @@ def claims(result: dict) -> list[dict]:
         fused["short"]["accuracy"] >= sft["short"]["accuracy"],
         f"short {sft['short']['accuracy']:.3f} -> {fused['short']['accuracy']:.3f}, "
         f"long {sft['long']['accuracy']:.3f} -> {fused['long']['accuracy']:.3f}")
+    if "auto" in fused:
+        auto = fused["auto"]
+        share = {d: v["short"] for d, v in auto["mode_share_by_difficulty"].items()}
+        easy, hard = min(share), max(share)
+        add("the fused model, left to choose, answers easy tasks in short mode more often than hard ones",
+            share[easy] > share[hard],
+            f"short-mode share by difficulty {share}; accuracy {auto['accuracy']:.3f} (always short "
+            f"{fused['short']['accuracy']:.3f}, always long {fused['long']['accuracy']:.3f}); response tokens "
+            f"{auto['response_tokens_by_difficulty']} vs short {fused['short']['response_tokens_by_difficulty']}, "
+            f"long {fused['long']['response_tokens_by_difficulty']}")
     for name, d in result["deliberation"].items():
         rates = d["by_reference"]
         add(f"{name}: the candidate wins more than it loses against each reference",
@@ -226,6 +242,8 @@ def main() -> None:
     parser.add_argument("--run-dir", default=str(REPO / "runs" / "study"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "posttrain_study.json"))
     parser.add_argument("--no-run", action="store_true", help="only read a finished run folder")
+    parser.add_argument("--fusion-stage", default=None,
+                        help="read the CoT-fusion numbers from this cot_fusion stage folder instead of the run's")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the study pipeline")
     args = parser.parse_args()
     run = Path(args.run_dir).resolve()
@@ -247,7 +265,7 @@ def main() -> None:
         "accuracy": accuracy_section(run),
         "self_verification": verification_section(run),
         "inference_scaling": scaling_section(run),
-        "cot_fusion": fusion_section(run),
+        "cot_fusion": fusion_section(run, Path(args.fusion_stage).resolve() if args.fusion_stage else None),
         "deliberation": deliberation_section(run),
         "curves": curves(run),
         "score_samples": {"sft": evaluation(run, "eval_sft")["scores"],

@@ -12,9 +12,12 @@ tokenizer's ids for the text ``s``; there is no BOS and no EOD: packing separate
     body = "<think>\\n" + reasoning + "\\n</think>\\n\\n" + content   (message has "reasoning")
 
 Why these choices:
-- The thinking-mode token (Hunyuan-TurboS adaptive long/short chain of thought) is *given* by
-  whoever asks, right after ``[ASSISTANT]``, both here and in :func:`format_prompt`; the model reads
-  it and never has to produce it, so it is not in the loss.
+- The thinking-mode token (Hunyuan-TurboS adaptive long/short chain of thought) sits right after
+  ``[ASSISTANT]``. By default it is *given* by whoever asks, both here and in :func:`format_prompt`;
+  the model reads it and never has to produce it, so it is not in the loss. With ``learn_mode``
+  (CoT fusion, ``fusion.model_picks_mode``) it is in the loss: the model learns to pick its own mode,
+  and a prompt formatted with ``thinking="auto"`` ends at ``[ASSISTANT]`` so that it does
+  (:func:`split_mode` reads the choice back).
 - The assistant's ``[END_OF_TURN]`` is in the loss: the model must learn to stop.
 - The reasoning lives inside the same assistant turn, so the model learns to write it; its
   ``<think>`` / ``</think>`` delimiters are ordinary text (the special-token set has no
@@ -37,6 +40,9 @@ ROLE_TOKENS = {
 THINKING_TOKENS = {"long": special_tokens.THINK_LONG, "short": special_tokens.THINK_SHORT}
 THINK_OPEN = "<think>\n"
 THINK_CLOSE = "\n</think>\n\n"
+
+
+AUTO = "auto"   # format_prompt only: no mode token, the model generates it
 
 
 def _thinking_id(tokenizer, thinking: str | None) -> list[int]:
@@ -89,12 +95,13 @@ def _turn_opening(role: str, tokenizer, think: list[int]) -> list[int]:
 
 
 def format_chat(
-    messages: Sequence[dict[str, Any]], tokenizer, thinking: str | None = None
+    messages: Sequence[dict[str, Any]], tokenizer, thinking: str | None = None, learn_mode: bool = False
 ) -> tuple[list[int], list[int]]:
     """Ids and loss mask (1 = train on this token) of a whole conversation, for SFT.
 
-    The mask is 1 exactly on assistant body tokens and the assistant's end-of-turn; a conversation
-    without an assistant turn would train on nothing, so it is an error rather than a silent no-op.
+    The mask is 1 exactly on assistant body tokens and the assistant's end-of-turn (and, with
+    ``learn_mode``, on the assistant's mode token); a conversation without an assistant turn would
+    train on nothing, so it is an error rather than a silent no-op.
     """
     _checked(messages)
     if not any(m["role"] == "assistant" for m in messages):
@@ -103,6 +110,8 @@ def format_chat(
             "add an {'role': 'assistant', 'content': ...} message or drop the example"
         )
     think = _thinking_id(tokenizer, thinking)
+    if learn_mode and not think:
+        raise DataConfigError("format_chat: learn_mode trains the mode token, so give thinking='short' or 'long'")
     end = tokenizer.special_id(special_tokens.END_OF_TURN)
     ids: list[int] = []
     loss_mask: list[int] = []
@@ -110,8 +119,9 @@ def format_chat(
         opening = _turn_opening(m["role"], tokenizer, think)
         body = tokenizer.tokenize(_body(m))
         trained = 1 if m["role"] == "assistant" else 0
+        mode_trained = trained if learn_mode else 0
         ids += opening + body + [end]
-        loss_mask += [0] * len(opening) + [trained] * (len(body) + 1)
+        loss_mask += [0] + [mode_trained] * (len(opening) - 1) + [trained] * (len(body) + 1)
     return ids, loss_mask
 
 
@@ -121,12 +131,23 @@ def format_prompt(
     """Ids of a conversation so far, ending with ``[ASSISTANT]`` (+ mode token) to generate from.
 
     Earlier assistant turns are rendered exactly as in :func:`format_chat`, so a prompt is a prefix
-    of the training layout and generation continues where training did.
+    of the training layout and generation continues where training did. ``thinking="auto"``: no mode
+    token anywhere; a model trained with ``learn_mode`` generates its own first.
     """
     _checked(messages)
-    think = _thinking_id(tokenizer, thinking)
+    think = [] if thinking == AUTO else _thinking_id(tokenizer, thinking)
     end = tokenizer.special_id(special_tokens.END_OF_TURN)
     ids: list[int] = []
     for m in messages:
         ids += _turn_opening(m["role"], tokenizer, think) + tokenizer.tokenize(_body(m)) + [end]
     return ids + _turn_opening("assistant", tokenizer, think)
+
+
+def split_mode(tokens: Sequence[int], tokenizer) -> tuple[str | None, list[int]]:
+    """(the mode a response generated from a ``thinking="auto"`` prompt chose, the response after it):
+    its first token if that is a mode token, else None and the tokens unchanged."""
+    if tokens:
+        for mode, token in THINKING_TOKENS.items():
+            if int(tokens[0]) == tokenizer.special_id(token):
+                return mode, list(tokens[1:])
+    return None, list(tokens)

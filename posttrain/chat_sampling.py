@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data_pipelines import special_tokens
-from data_pipelines.chat_format import format_prompt
+from data_pipelines.chat_format import AUTO, format_prompt, split_mode
 from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks, verify
 from megatron_ext.generation import Generation, Generator, SamplingParams
 from posttrain.cot_fusion import SampleRequest
@@ -97,19 +97,25 @@ def eval_tasks(eval_cfg: Mapping[str, Any], seed: int) -> list[Task]:
 
 def task_accuracy(generator: Generator, tokenizer, tasks: Sequence[Task], thinking: str | None,
                   max_new_tokens: int) -> dict[str, Any]:
-    """Greedy accuracy on ``tasks``: overall, per kind and per difficulty, with response lengths."""
+    """Greedy accuracy on ``tasks``: overall, per kind and per difficulty, with response lengths.
+    ``thinking="auto"``: the model picks its mode (its first token); the share of each mode per
+    difficulty is reported too (Hunyuan-TurboS' adaptive CoT: short for easy, long for hard)."""
     params = chat_params(tokenizer, temperature=0.0, max_new_tokens=max_new_tokens)
     gens = generator.generate_sharded([prompt_ids(tokenizer, t.prompt, thinking) for t in tasks], params)
     by_kind: dict[str, list[float]] = defaultdict(list)
     by_level: dict[int, list[float]] = defaultdict(list)
     tokens_by_level: dict[int, list[int]] = defaultdict(list)
+    modes_by_level: dict[int, list[str]] = defaultdict(list)
     for task, gen in zip(tasks, gens):
-        reward, _ = verify(task, response_text(tokenizer, gen))
+        mode, tokens = split_mode(gen.tokens, tokenizer) if thinking == AUTO else (thinking, gen.tokens)
+        text = tokenizer.detokenize(tokens[:-1] if gen.finished else tokens)
+        reward, _ = verify(task, text)
         by_kind[task.kind].append(reward)
         by_level[task.difficulty].append(reward)
         tokens_by_level[task.difficulty].append(len(gen.tokens))
+        modes_by_level[task.difficulty].append(mode or "none")
     rewards = [r for rs in by_kind.values() for r in rs]
-    return {
+    result = {
         "accuracy": sum(rewards) / max(len(rewards), 1),
         "n": len(rewards),
         "by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
@@ -119,6 +125,11 @@ def task_accuracy(generator: Generator, tokenizer, tasks: Sequence[Task], thinki
         "mean_response_tokens": sum(len(g.tokens) for g in gens) / max(len(gens), 1),
         "thinking": thinking,
     }
+    if thinking == AUTO:   # which mode the model chose, per difficulty ("none": no mode token first)
+        result["mode_share_by_difficulty"] = {
+            str(d): {m: round(v.count(m) / len(v), 4) for m in ("short", "long", "none")}
+            for d, v in sorted(modes_by_level.items())}
+    return result
 
 
 def _plain(value: Any) -> Any:

@@ -6,7 +6,10 @@
    the parent itself in long-thinking mode) continues the shortest failed attempt after a bridge
    until the verifier accepts (:func:`posttrain.cot_fusion.build_fused_set`).
 2. Train: SFT on the fused set, each example with its mode's control token after ``[ASSISTANT]``
-   (short for easy prompts, long for hard ones), so at inference the token selects the mode.
+   (short for easy prompts, long for hard ones), so at inference the token selects the mode. With
+   ``fusion.model_picks_mode`` the token is also a training target: given no mode, the model picks
+   one itself (Hunyuan-TurboS' adaptive CoT), and the stage reports its choice per difficulty
+   (accuracy ``auto``: ``mode_share_by_difficulty``).
 
 Outputs in the stage folder: ``fused/records.jsonl`` (one example per kept prompt with its pass rate,
 difficulty label and mode), ``fused/summary.json`` (counts, drop reasons), the checkpoint, and the
@@ -20,6 +23,7 @@ import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
+from data_pipelines.chat_format import AUTO
 from data_pipelines.prepare import prepared_tokenizer
 from data_pipelines.verifiable_tasks import Task, generate_tasks, split_tasks, verify
 from megatron_ext import checkpointing
@@ -81,17 +85,20 @@ def run(ctx: StageContext) -> StageResult:
     held = [_held_out(e.item_id, float(fusion.held_out_fraction), seed) for e in examples]
     train_conv = fused_to_conversations([e for e, h in zip(examples, held) if not h])
     valid_conv = fused_to_conversations([e for e, h in zip(examples, held) if h])
-    data = build_sft_data(chat_examples(train_conv, tokenizer), chat_examples(valid_conv, tokenizer),
+    picks = bool(fusion.get("model_picks_mode", False))
+    data = build_sft_data(chat_examples(train_conv, tokenizer, learn_mode=picks),
+                          chat_examples(valid_conv, tokenizer, learn_mode=picks),
                           int(model_cfg.seq_length), tokenizer.pad, st.get("packing"))
+    modes = ("short", "long", AUTO) if picks else ("short", "long")
 
     def accuracy(chunks) -> dict:
         return {mode: stage_task_accuracy(chunks, tokenizer, model.vocab_size, {**st.eval, "thinking": mode}, seed,
                                           model_cfg)
-                for mode in ("short", "long")}
+                for mode in modes}
 
     def initial_accuracy(chunks) -> dict:
         return {mode: initial_task_accuracy(ctx, chunks, tokenizer, model.vocab_size, {**st.eval, "thinking": mode})
-                for mode in ("short", "long")}
+                for mode in modes}
 
     outcome, final = train_sft(ctx, tokenizer, model, data, accuracy, initial_accuracy)
     trainer = outcome.trainer

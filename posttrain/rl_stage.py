@@ -192,9 +192,10 @@ def run(ctx: StageContext) -> StageResult:
     def on_rollout(rollout: int, stats: dict) -> None:
         trainer = holder["trainer"]
         if ctx.env.is_main:
-            if settings.c_ref is None and batches.c_ref is not None and not c_ref_file.exists():
-                c_ref_file.write_text(json.dumps(laser_constants(batches.c_ref, settings, estimated_at_rollout=rollout)))
-                if laser.c_ref_problem(batches.c_ref, settings.laser_beta):
+            if settings.laser and batches.c_ref is not None and not c_ref_file.exists():
+                how = {"estimated_at_rollout": rollout} if settings.c_ref is None else {"configured": True}
+                c_ref_file.write_text(json.dumps(laser_constants(batches.c_ref, settings, **how)))
+                if settings.c_ref is None and laser.c_ref_problem(batches.c_ref, settings.laser_beta):
                     _warn(ctx, laser.c_ref_problem(batches.c_ref, settings.laser_beta))
             trainer.metrics.write(rollout * batches.updates_per_rollout, stats, split="rollout")
             _log_samples(ctx.stage_dir / "rollouts.jsonl", rollout, batches, int(st.get("log_samples", 8)))

@@ -29,9 +29,12 @@ from megatron_ext.trainer import masked_mean_loss
 Example = tuple[list[int], list[int]]  # (ids, loss_mask) of one conversation
 
 
-def chat_examples(conversations: Sequence[tuple[list[dict[str, str]], str | None]], tokenizer) -> list[Example]:
-    """``(ids, loss_mask)`` per ``(messages, thinking)``, loss on the assistant turns only."""
-    return [format_chat(messages, tokenizer, thinking=thinking) for messages, thinking in conversations]
+def chat_examples(conversations: Sequence[tuple[list[dict[str, str]], str | None]], tokenizer,
+                  learn_mode: bool = False) -> list[Example]:
+    """``(ids, loss_mask)`` per ``(messages, thinking)``, loss on the assistant turns only (and on
+    their mode token with ``learn_mode``: the model learns to choose it)."""
+    return [format_chat(messages, tokenizer, thinking=thinking, learn_mode=learn_mode)
+            for messages, thinking in conversations]
 
 
 class PackedSFTDataset:

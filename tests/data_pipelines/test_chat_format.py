@@ -1,7 +1,7 @@
 import pytest
 
 from data_pipelines import special_tokens as st
-from data_pipelines.chat_format import THINK_CLOSE, THINK_OPEN, format_chat, format_prompt
+from data_pipelines.chat_format import THINK_CLOSE, THINK_OPEN, format_chat, format_prompt, split_mode
 from data_pipelines.errors import DataConfigError
 from data_pipelines.synthetic_corpus import GENERATORS, generate_documents
 from data_pipelines.tokenizer import train_bpe
@@ -53,6 +53,26 @@ def test_thinking_token_follows_assistant_and_is_not_trained(tok, thinking, toke
     assert [m for t, m in zip(ids, mask) if t != T] == plain_mask
     prompt = format_prompt(CONVERSATION[:2], tok, thinking=thinking)
     assert prompt[-2:] == [A, T] and ids[: len(prompt)] == prompt
+
+
+def test_learn_mode_trains_the_mode_token_and_auto_prompts_leave_it_to_the_model(tok):
+    A, T, L = tok.special_id(st.ASSISTANT), tok.special_id(st.THINK_SHORT), tok.special_id(st.THINK_LONG)
+    given, given_mask = format_chat(CONVERSATION, tok, thinking="short")
+    ids, mask = format_chat(CONVERSATION, tok, thinking="short", learn_mode=True)
+    assert ids == given
+    starts = [i for i, t in enumerate(ids) if t == A]
+    # only the mode tokens change: now targets; [ASSISTANT] itself and every other mask entry stay
+    assert all(mask[i] == 0 and mask[i + 1] == 1 for i in starts)
+    assert [m for i, m in enumerate(mask) if i - 1 not in starts] == \
+        [m for i, m in enumerate(given_mask) if i - 1 not in starts]
+    with pytest.raises(DataConfigError, match="learn_mode"):
+        format_chat(CONVERSATION, tok, learn_mode=True)
+    auto = format_prompt(CONVERSATION[:2], tok, thinking="auto")
+    assert auto[-1] == A and T not in auto and auto == format_prompt(CONVERSATION[:2], tok)
+    body = tok.tokenize("8.")
+    assert split_mode([L, *body], tok) == ("long", body)
+    assert split_mode([T, *body], tok) == ("short", body)
+    assert split_mode(body, tok) == (None, body) and split_mode([], tok) == (None, [])
 
 
 def test_reasoning_is_rendered_before_the_answer_inside_the_turn_and_trained(tok):

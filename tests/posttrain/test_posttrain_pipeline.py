@@ -123,7 +123,12 @@ def test_cot_fusion_routes_by_pass_rate_and_every_target_verifies(run):
     m = manifest(run, 1)
     assert m["fused_data"]["examples"] == len(records)
     assert m["fused_data"]["short"] + m["fused_data"]["long"] == len(records)
-    assert set(m["final_metrics"]["task_accuracy"]) == {"short", "long"}
+    accuracy = m["final_metrics"]["task_accuracy"]
+    assert set(accuracy) == {"short", "long", "auto"}     # fusion.model_picks_mode: the model also chooses
+    for shares in accuracy["auto"]["mode_share_by_difficulty"].values():
+        assert sum(shares.values()) == pytest.approx(1.0)
+    # SFT never learned to choose a mode: asked without one, it starts with its answer
+    assert m["final_metrics"]["initial_task_accuracy"]["auto"]["mode_share_by_difficulty"]["1"]["none"] == 1.0
     assert summary["generation"]["tokens_per_s"] > 0
 
 
