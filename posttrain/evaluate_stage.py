@@ -58,7 +58,8 @@ def laser_constants(ctx: StageContext) -> dict[str, float]:
     if unknown:
         where = f"{path} does not exist" if not path.exists() else f"{path} does not record {unknown}"
         raise ConfigError(f"stages.{ctx.name}.laser: {unknown} null and {where}: evaluate a checkpoint of an RL "
-                          f"stage, or set " + ", ".join(f"stages.{ctx.name}.laser.{k}" for k in unknown))
+                          f"stage, name one in stages.{ctx.name}.laser.from_stage, or set "
+                          + ", ".join(f"stages.{ctx.name}.laser.{k}" for k in unknown))
     return {k: float(recorded[k] if configured[k] is None else configured[k]) for k in configured}
 
 
