@@ -120,15 +120,25 @@ def fusion_section(run: Path, fusion_stage: Path | None) -> dict:
 
 
 def deliberation_section(run: Path) -> dict:
+    """A deliberation stage judges its *parent* (the candidate) against references, then trains. So
+    round r's trained model is judged by round r + 1 (its candidate): ``judged_in`` names the stage
+    whose win rates are this model's. The last round's model has no later judge: accuracy only."""
+    rounds = ("deliberation_1", "deliberation_2")
     out = {}
-    for name in ("deliberation_1", "deliberation_2"):
+    for i, name in enumerate(rounds):
         m = stage(run, name)
-        win = m["deliberation"]["win_rates"]
-        out[name] = {"candidate": "parent of " + name, "by_reference": {ref: round(w["win_rate"], 4)
-                                                                       for ref, w in win["by_reference"].items()},
-                     "n_pairs": win["overall"]["n"],
-                     "accuracy_before_after": [m["final_metrics"]["initial_task_accuracy"]["accuracy"],
-                                               m["final_metrics"]["task_accuracy"]["accuracy"]]}
+        entry = {"accuracy_before_after": [m["final_metrics"]["initial_task_accuracy"]["accuracy"],
+                                           m["final_metrics"]["task_accuracy"]["accuracy"]]}
+        if i + 1 < len(rounds):
+            win = stage(run, rounds[i + 1])["deliberation"]["win_rates"]
+            entry.update({"judged_in": rounds[i + 1], "n_pairs": win["overall"]["n"],
+                          "win_rate_by_reference": {ref: round(w["win_rate"], 4)
+                                                    for ref, w in win["by_reference"].items()}})
+        out[name] = entry
+    first = stage(run, rounds[0])["deliberation"]["win_rates"]
+    out["cot_fusion"] = {"judged_in": rounds[0], "n_pairs": first["overall"]["n"],
+                         "win_rate_by_reference": {ref: round(w["win_rate"], 4)
+                                                   for ref, w in first["by_reference"].items()}}
     return out
 
 
@@ -147,10 +157,14 @@ def claims(result: dict) -> list[dict]:
     def add(claim: str, held: bool, evidence: str) -> None:
         out.append({"claim": claim, "held": bool(held), "evidence": evidence})
 
+    n = result["held_out_tasks"]
+    stderr = math.sqrt(acc["sft"] * (1 - acc["sft"]) / n)     # of one accuracy on n held-out tasks
     for arm in ARMS:
         a = acc[arm]
-        add(f"RL ({arm}) raises greedy accuracy over SFT", a["min"] > acc["sft"],
-            f"SFT {acc['sft']:.3f}; {arm} {a['mean']:.3f} +- {a['std']:.3f} (min {a['min']:.3f})")
+        add(f"RL ({arm}) raises greedy accuracy over SFT (every seed)", a["min"] > acc["sft"],
+            f"SFT {acc['sft']:.3f}; {arm} {a['mean']:.3f} +- {a['std']:.3f} (min {a['min']:.3f}); the gain "
+            f"{a['mean'] - acc['sft']:+.3f} = {round((a['mean'] - acc['sft']) * n):+d} of {n} tasks, against a "
+            f"standard error of {stderr:.3f} for one accuracy on {n} tasks")
     after = ver["held_out_after_rl"]
     add("LaSeR's self-reward tells right from wrong (held-out AUROC above plain GRPO's untrained score)",
         after["laser"]["auroc"]["min"] > after["grpo"]["auroc"]["max"],
@@ -180,10 +194,12 @@ def claims(result: dict) -> list[dict]:
             f"{fused['short']['accuracy']:.3f}, always long {fused['long']['accuracy']:.3f}); response tokens "
             f"{auto['response_tokens_by_difficulty']} vs short {fused['short']['response_tokens_by_difficulty']}, "
             f"long {fused['long']['response_tokens_by_difficulty']}")
-    for name, d in result["deliberation"].items():
-        rates = d["by_reference"]
-        add(f"{name}: the candidate wins more than it loses against each reference",
-            all(r > 0.5 for r in rates.values()), f"win rates {rates}; accuracy {d['accuracy_before_after']}")
+    d1, fusion = result["deliberation"]["deliberation_1"], result["deliberation"]["cot_fusion"]
+    add("a deliberation round's model beats the model it started from (round 1 against CoT fusion)",
+        d1["win_rate_by_reference"]["cot_fusion"] > 0.5,
+        f"round 1's model: win rate {d1['win_rate_by_reference']} over {d1['n_pairs']} judged pairs; the CoT-fusion "
+        f"model it started from against SFT: {fusion['win_rate_by_reference']}; greedy accuracy round 1 "
+        f"{d1['accuracy_before_after']}, round 2 {result['deliberation']['deliberation_2']['accuracy_before_after']}")
     return out
 
 
@@ -214,7 +230,7 @@ def plots(result: dict, folder: Path) -> list[str]:
         scores = result["score_samples"][arm]
         ax.hist([scores["correct"], scores["incorrect"]], bins=30, label=["correct", "incorrect"],
                 color=["tab:green", "tab:red"], alpha=0.7, histtype="stepfilled")
-        ax.set_title(f"self-reward r_s, held out: {arm}" + ("" if arm == "sft" else " (seed 0)"))
+        ax.set_title(f"held-out r_s: {arm}" + ("" if arm == "sft" else ", seed 0"))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(folder / "self_reward_histograms.png", dpi=100)
@@ -228,6 +244,7 @@ def plots(result: dict, folder: Path) -> list[str]:
             ys = [curve[k][vote]["mean"] if arm != "sft" else curve[k][vote] for k in K_CURVE]
             ax.plot([int(k) for k in K_CURVE], ys, marker="o", label=vote)
         ax.set_xscale("log", base=2)
+        ax.set_xticks([int(k) for k in K_CURVE], labels=list(K_CURVE))
         ax.set_title(f"held-out accuracy vs K: {arm}")
         ax.set_xlabel("K samples")
         ax.legend(fontsize=7)
@@ -262,6 +279,7 @@ def main() -> None:
         "stage_wall_time_s": {p.parent.name: round(json.loads(p.read_text())["wall_time_s"], 1)
                               for p in sorted(run.glob("[0-9][0-9]_*/manifest.json"))},
         "seeds": list(SEEDS),
+        "held_out_tasks": stage(run, "sft")["final_metrics"]["task_accuracy"]["n"],
         "accuracy": accuracy_section(run),
         "self_verification": verification_section(run),
         "inference_scaling": scaling_section(run),
