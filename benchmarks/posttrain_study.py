@@ -123,7 +123,8 @@ def deliberation_section(run: Path) -> dict:
     """A deliberation stage judges its *parent* (the candidate) against references, then trains. So
     round r's trained model is judged by round r + 1 (its candidate): ``judged_in`` names the stage
     whose win rates are this model's. The last round's model has no later judge: accuracy only."""
-    rounds = ("deliberation_1", "deliberation_2")
+    rounds = sorted((p.parent.name.split("_", 1)[1] for p in run.glob("[0-9][0-9]_deliberation_*/manifest.json")),
+                    key=lambda name: int(name.rsplit("_", 1)[1]))
     out = {}
     for i, name in enumerate(rounds):
         m = stage(run, name)
@@ -194,12 +195,16 @@ def claims(result: dict) -> list[dict]:
             f"{fused['short']['accuracy']:.3f}, always long {fused['long']['accuracy']:.3f}); response tokens "
             f"{auto['response_tokens_by_difficulty']} vs short {fused['short']['response_tokens_by_difficulty']}, "
             f"long {fused['long']['response_tokens_by_difficulty']}")
-    d1, fusion = result["deliberation"]["deliberation_1"], result["deliberation"]["cot_fusion"]
-    add("a deliberation round's model beats the model it started from (round 1 against CoT fusion)",
-        d1["win_rate_by_reference"]["cot_fusion"] > 0.5,
-        f"round 1's model: win rate {d1['win_rate_by_reference']} over {d1['n_pairs']} judged pairs; the CoT-fusion "
-        f"model it started from against SFT: {fusion['win_rate_by_reference']}; greedy accuracy round 1 "
-        f"{d1['accuracy_before_after']}, round 2 {result['deliberation']['deliberation_2']['accuracy_before_after']}")
+    delib = result["deliberation"]
+    judged = [name for name in delib if name.startswith("deliberation_") and "win_rate_by_reference" in delib[name]]
+    previous = {name: ("cot_fusion" if i == 0 else judged[i - 1]) for i, name in enumerate(judged)}
+    rates = {name: delib[name]["win_rate_by_reference"].get(previous[name]) for name in judged}
+    add("each deliberation round's model beats the previous round's (round 1: the CoT-fusion model it started from)",
+        all(r is not None and r > 0.5 for r in rates.values()),
+        "; ".join(f"{name} vs {previous[name]}: {rates[name]} ({delib[name]['n_pairs']} judged pairs, ties count "
+                  f"half; all references {delib[name]['win_rate_by_reference']})" for name in judged)
+        + f"; greedy accuracy before -> after each round: "
+        + ", ".join(f"{name} {delib[name]['accuracy_before_after']}" for name in delib if name != "cot_fusion"))
     return out
 
 
