@@ -53,11 +53,14 @@ def initialize(parallel_cfg: Mapping[str, Any], seed: int, timeout_minutes: int 
         # On GPUs both: NCCL for CUDA tensors, gloo for the small CPU tensors that steer the loop
         # (loss totals, flags, generation's lock-step counters); groups megatron-core creates without
         # a backend inherit both.
+        # One process needs no rendezvous: an in-memory store, so no port can be taken by another
+        # job between the launcher choosing it and this process binding it (EADDRINUSE).
         dist.init_process_group(
             backend="gloo" if cpu else "cpu:gloo,cuda:nccl",
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **({"store": dist.HashStore()} if world == 1 else {}),
         )
     tp = int(parallel_cfg["tensor_model_parallel_size"])
     pp = int(parallel_cfg["pipeline_model_parallel_size"])
