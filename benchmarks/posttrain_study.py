@@ -150,8 +150,9 @@ def curves(run: Path) -> dict:
 
 
 def claims(result: dict) -> list[dict]:
-    """Each claim the study tests, with the numbers that decide it (mean over seeds; "held" needs the
-    difference to exceed the seeds' spread, so one lucky seed does not make a claim hold)."""
+    """Each claim the study tests, with the numbers that decide it. Where seeds differ, "held" needs
+    every seed to show it (the worst seed beyond the baseline), so one lucky seed cannot make a claim
+    hold; the evidence gives the sizes, to be read against the held-out set's standard error."""
     acc, ver, sc = result["accuracy"], result["self_verification"], result["inference_scaling"]
     out = []
 
@@ -203,7 +204,7 @@ def claims(result: dict) -> list[dict]:
         all(r is not None and r > 0.5 for r in rates.values()),
         "; ".join(f"{name} vs {previous[name]}: {rates[name]} ({delib[name]['n_pairs']} judged pairs, ties count "
                   f"half; all references {delib[name]['win_rate_by_reference']})" for name in judged)
-        + f"; greedy accuracy before -> after each round: "
+        + "; greedy accuracy before -> after each round: "
         + ", ".join(f"{name} {delib[name]['accuracy_before_after']}" for name in delib if name != "cot_fusion"))
     return out
 
