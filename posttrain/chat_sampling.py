@@ -48,9 +48,11 @@ def sampling_params(cfg: Mapping[str, Any], tokenizer) -> SamplingParams:
                        top_k=int(cfg.get("top_k", 0)), max_new_tokens=int(cfg["max_new_tokens"]))
 
 
-def response_text(tokenizer, generation: Generation) -> str:
+def response_text(tokenizer, generation: Generation, start: int = 0) -> str:
+    """The response's text from its token ``start`` on (1: after a mode token the model chose),
+    without the stop token of a finished one."""
     tokens = generation.tokens[:-1] if generation.finished else generation.tokens
-    return tokenizer.detokenize(tokens)
+    return tokenizer.detokenize(tokens[start:])
 
 
 def prompt_text(item) -> str:
@@ -107,9 +109,8 @@ def task_accuracy(generator: Generator, tokenizer, tasks: Sequence[Task], thinki
     tokens_by_level: dict[int, list[int]] = defaultdict(list)
     modes_by_level: dict[int, list[str]] = defaultdict(list)
     for task, gen in zip(tasks, gens):
-        mode, tokens = split_mode(gen.tokens, tokenizer) if thinking == AUTO else (thinking, gen.tokens)
-        text = tokenizer.detokenize(tokens[:-1] if gen.finished else tokens)
-        reward, _ = verify(task, text)
+        mode, rest = split_mode(gen.tokens, tokenizer) if thinking == AUTO else (thinking, gen.tokens)
+        reward, _ = verify(task, response_text(tokenizer, gen, start=len(gen.tokens) - len(rest)))
         by_kind[task.kind].append(reward)
         by_level[task.difficulty].append(reward)
         tokens_by_level[task.difficulty].append(len(gen.tokens))

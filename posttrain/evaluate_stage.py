@@ -36,15 +36,16 @@ from megatron_ext.stage_training import load_frozen_model
 from posttrain.chat_sampling import eval_tasks, prompt_ids, prompt_text, sampling_params
 from posttrain.inference_scaling import format_table
 from posttrain.rl_rollouts import RLSettings, RolloutBatches, rl_forward_step_factory
+from posttrain.rl_stage import laser_file
 from posttrain.self_reward_eval import forward_logps, self_reward_eval
 
 
 def laser_constants(ctx: StageContext) -> dict[str, float]:
     """The self-reward's ``c_ref``, ``beta`` and scoring ``temperature``: each from the config where
-    set, else from the ``laser_c_ref.json`` of the RL stage ``laser.from_stage`` names (default: the
-    parent): the constants it trained the score with; the z_c log-prob is taken at that temperature,
-    whatever this stage samples at. Naming another stage scores a checkpoint that never trained the
-    score (SFT, plain GRPO) with the same constants: a baseline."""
+    set, else from the :data:`~posttrain.rl_stage.LASER_FILE` of the RL stage ``laser.from_stage``
+    names (default: the parent): the constants it trained the score with; the z_c log-prob is taken
+    at that temperature, whatever this stage samples at. Naming another stage scores a checkpoint
+    that never trained the score (SFT, plain GRPO) with the same constants: a baseline."""
     configured = {k: ctx.stage_cfg.laser.get(k) for k in ("c_ref", "beta", "temperature")}
     missing = [k for k, v in configured.items() if v is None]
     if not missing:
@@ -52,7 +53,7 @@ def laser_constants(ctx: StageContext) -> dict[str, float]:
     source = ctx.stage_cfg.laser.get("from_stage")
     checkpoint = (ctx.checkpoint_of(source, f"stages.{ctx.name}.laser.from_stage") if source
                   else Path(ctx.parent_checkpoint))
-    path = Path(checkpoint).parents[1] / "laser_c_ref.json"
+    path = laser_file(checkpoint)
     recorded = json.loads(path.read_text()) if path.exists() else {}
     unknown = [k for k in missing if k not in recorded]
     if unknown:

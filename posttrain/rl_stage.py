@@ -132,8 +132,16 @@ def _loss_summary(sink: dict) -> dict[str, float]:
     return out
 
 
-def laser_constants(c_ref: float, settings: RLSettings, **extra) -> dict:
-    """What ``laser_c_ref.json`` records: the score's constants. ``r_s = beta * (log pi_T(z_c) - c_ref)``
+LASER_FILE = "laser_c_ref.json"   # in an RL stage's folder: the constants its self-reward was trained with
+
+
+def laser_file(checkpoint: str | Path) -> Path:
+    """The :data:`LASER_FILE` of the stage a checkpoint (``<stage>/checkpoints/iter_*``) belongs to."""
+    return Path(checkpoint).parents[1] / LASER_FILE
+
+
+def laser_record(c_ref: float, settings: RLSettings, **extra) -> dict:
+    """What :data:`LASER_FILE` records: the score's constants. ``r_s = beta * (log pi_T(z_c) - c_ref)``
     depends on all three: ``log pi_T`` is taken at the sampling temperature ``T`` (logits / T, as
     LaSeR's reference code takes every log-prob), so whoever scores with this self-reward (stage II,
     the evaluate stage) must use the same beta and temperature, whatever it samples at."""
@@ -145,6 +153,12 @@ def _warn(ctx: StageContext, message: str) -> None:
         print(f"warning: stages.{ctx.name}: {message}", flush=True)
 
 
+def _warn_if_c_ref_unusable(ctx: StageContext, c_ref: float, settings: RLSettings) -> None:
+    problem = laser.c_ref_problem(c_ref, settings.laser_beta)
+    if problem:
+        _warn(ctx, problem)
+
+
 def _known_c_ref(ctx: StageContext, settings: RLSettings, own_file: Path) -> float | None:
     """LaSeR's c_ref if already known: configured, else this stage's earlier attempt's, else the
     parent RL stage's (stage II continues stage I's self-reward: c_ref stands for the *reference*
@@ -154,7 +168,7 @@ def _known_c_ref(ctx: StageContext, settings: RLSettings, own_file: Path) -> flo
         return settings.c_ref
     if own_file.exists():
         return float(json.loads(own_file.read_text())["c_ref"])
-    parent_file = Path(ctx.parent_checkpoint).parents[1] / "laser_c_ref.json"
+    parent_file = laser_file(ctx.parent_checkpoint)
     if parent_file.exists():
         parent = json.loads(parent_file.read_text())
         value = float(parent["c_ref"])
@@ -164,7 +178,7 @@ def _known_c_ref(ctx: StageContext, settings: RLSettings, own_file: Path) -> flo
                            f"{key}={parent[key]}, this stage uses {ours}: its scores change meaning")
         if ctx.env.is_main:
             inherited_from = manifest.relative_in(parent_file, ctx.run_dir)   # the run folder may move
-            own_file.write_text(json.dumps(laser_constants(value, settings, inherited_from=inherited_from)))
+            own_file.write_text(json.dumps(laser_record(value, settings, inherited_from=inherited_from)))
         return value
     return None
 
@@ -177,10 +191,10 @@ def run(ctx: StageContext) -> StageResult:
     seed = int(cfg.seed)
     tokenizer = prepared_tokenizer(cfg.data, ctx.run_dir / "data", cfg.seed)
     settings = rl_settings(st)
-    c_ref_file = ctx.stage_dir / "laser_c_ref.json"
+    c_ref_file = ctx.stage_dir / LASER_FILE
     settings.c_ref = _known_c_ref(ctx, settings, c_ref_file)
-    if settings.laser and settings.c_ref is not None and laser.c_ref_problem(settings.c_ref, settings.laser_beta):
-        _warn(ctx, laser.c_ref_problem(settings.c_ref, settings.laser_beta))
+    if settings.laser and settings.c_ref is not None:
+        _warn_if_c_ref_unusable(ctx, settings.c_ref, settings)
     model = build_stage_model(ctx, tokenizer)
     seq_length = int(model_cfg.seq_length)
     train = st.train
@@ -194,9 +208,9 @@ def run(ctx: StageContext) -> StageResult:
         if ctx.env.is_main:
             if settings.laser and batches.c_ref is not None and not c_ref_file.exists():
                 how = {"estimated_at_rollout": rollout} if settings.c_ref is None else {"configured": True}
-                c_ref_file.write_text(json.dumps(laser_constants(batches.c_ref, settings, **how)))
-                if settings.c_ref is None and laser.c_ref_problem(batches.c_ref, settings.laser_beta):
-                    _warn(ctx, laser.c_ref_problem(batches.c_ref, settings.laser_beta))
+                c_ref_file.write_text(json.dumps(laser_record(batches.c_ref, settings, **how)))
+                if settings.c_ref is None:   # estimated just now (a known one was checked at the start)
+                    _warn_if_c_ref_unusable(ctx, batches.c_ref, settings)
             trainer.metrics.write(rollout * batches.updates_per_rollout, stats, split="rollout")
             _log_samples(ctx.stage_dir / "rollouts.jsonl", rollout, batches, int(st.get("log_samples", 8)))
 
