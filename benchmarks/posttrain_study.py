@@ -24,6 +24,7 @@ The run folder resumes like any pipeline run: re-running the command skips finis
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -35,12 +36,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_record import REPO, command, git_commit, library_versions, machine, write_result  # noqa: E402
 
+from megatron_ext.metrics import read_metrics  # noqa: E402
+
 SEEDS = (0, 1, 2)
 ARMS = ("grpo", "laser")
 K_CURVE = ("4", "8", "16")
 VOTES = ("pass_at_1", "majority", "weighted_majority", "best_of_k", "pass_at_k")
 
 
+# A finished run folder's files, each read once (the sections below ask for them many times).
+@functools.cache
 def stage(run: Path, name: str) -> dict:
     found = sorted(run.glob(f"[0-9][0-9]_{name}/manifest.json"))
     if not found:
@@ -60,11 +65,12 @@ def spread(values: list[float | None]) -> dict:
             "min": round(min(xs), 4), "max": round(max(xs), 4), "values": values}
 
 
+@functools.cache
 def rollouts(run: Path, name: str) -> list[dict]:
-    lines = (stage(run, name)["dir"] / "metrics" / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("split") == "rollout"]
+    return read_metrics(stage(run, name)["dir"] / "metrics" / "metrics.jsonl", split="rollout")
 
 
+@functools.cache
 def evaluation(run: Path, name: str) -> dict:
     return json.loads((stage(run, name)["dir"] / "evaluation.json").read_text())["results"]["synthetic"]
 
@@ -209,15 +215,25 @@ def claims(result: dict) -> list[dict]:
     return out
 
 
-def plots(result: dict, folder: Path) -> list[str]:
+def _figure(folder: Path, file: str, panels: tuple, draw, height: float = 3.5) -> str:
+    """One row of ``len(panels)`` plots, ``draw(ax, panel)`` each, saved as ``folder / file``."""
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(10, height))
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        draw(ax, panel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / file, dpi=100)
+    return file
+
+
+def plots(result: dict, folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    fig = Figure(figsize=(10, 4))
-    for i, (key, title) in enumerate((("verifier_reward_mean", "verifier reward per rollout"),
-                                      ("self_verify_auroc", "self-reward AUROC per rollout (own samples)"))):
-        ax = fig.add_subplot(1, 2, i + 1)
+
+    def learning_curve(ax, panel) -> None:
+        key, title = panel
         for name, c in result["curves"].items():
             if key == "self_verify_auroc" and name.startswith("grpo"):
                 continue
@@ -225,26 +241,14 @@ def plots(result: dict, folder: Path) -> list[str]:
                     color="tab:orange" if name.startswith("laser") else "tab:blue", alpha=0.8)
         ax.set_title(title)
         ax.set_xlabel("rollout (= update)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "learning_curves.png", dpi=100)
-    written.append("learning_curves.png")
 
-    fig = Figure(figsize=(10, 3.5))
-    for i, arm in enumerate(("sft",) + ARMS):
-        ax = fig.add_subplot(1, 3, i + 1)
+    def histogram(ax, arm) -> None:
         scores = result["score_samples"][arm]
         ax.hist([scores["correct"], scores["incorrect"]], bins=30, label=["correct", "incorrect"],
                 color=["tab:green", "tab:red"], alpha=0.7, histtype="stepfilled")
         ax.set_title(f"held-out r_s: {arm}" + ("" if arm == "sft" else ", seed 0"))
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "self_reward_histograms.png", dpi=100)
-    written.append("self_reward_histograms.png")
 
-    fig = Figure(figsize=(10, 3.5))
-    for i, arm in enumerate(("sft",) + ARMS):
-        ax = fig.add_subplot(1, 3, i + 1)
+    def voting_curve(ax, arm) -> None:
         curve = result["inference_scaling"][arm]
         for vote in VOTES[:4]:
             ys = [curve[k][vote]["mean"] if arm != "sft" else curve[k][vote] for k in K_CURVE]
@@ -253,11 +257,12 @@ def plots(result: dict, folder: Path) -> list[str]:
         ax.set_xticks([int(k) for k in K_CURVE], labels=list(K_CURVE))
         ax.set_title(f"held-out accuracy vs K: {arm}")
         ax.set_xlabel("K samples")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "voting_curves.png", dpi=100)
-    written.append("voting_curves.png")
-    return written
+
+    curves = (("verifier_reward_mean", "verifier reward per rollout"),
+              ("self_verify_auroc", "self-reward AUROC per rollout (own samples)"))
+    return [_figure(folder, "learning_curves.png", curves, learning_curve, height=4),
+            _figure(folder, "self_reward_histograms.png", ("sft",) + ARMS, histogram),
+            _figure(folder, "voting_curves.png", ("sft",) + ARMS, voting_curve)]
 
 
 def main() -> None:
@@ -297,7 +302,9 @@ def main() -> None:
     }
     result["claims"] = claims(result)
     out = Path(args.out)
-    result["plots"] = [str((out.parent / out.stem / p).relative_to(REPO)) for p in plots(result, out.parent / out.stem)]
+    folder = out.resolve().parent / out.stem
+    result["plots"] = [str(folder / p) if not folder.is_relative_to(REPO) else str((folder / p).relative_to(REPO))
+                       for p in plots(result, folder)]
     write_result(out, result)
     for c in result["claims"]:
         print(f"[{'held' if c['held'] else 'did not hold'}] {c['claim']}: {c['evidence']}")
