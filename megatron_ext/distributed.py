@@ -31,6 +31,7 @@ class DistEnv:
     ep: int
     dp: int
     cpu: bool
+    cp: int = 1   # context-parallel ranks (each holds 2 of 2 x cp sequence chunks)
 
     @property
     def is_main(self) -> bool:
@@ -65,15 +66,17 @@ def initialize(parallel_cfg: Mapping[str, Any], seed: int, timeout_minutes: int 
     tp = int(parallel_cfg["tensor_model_parallel_size"])
     pp = int(parallel_cfg["pipeline_model_parallel_size"])
     ep = int(parallel_cfg["expert_model_parallel_size"])
+    cp = int(parallel_cfg.get("context_parallel_size") or 1)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         expert_model_parallel_size=ep,
         virtual_pipeline_model_parallel_size=parallel_cfg.get("virtual_pipeline_model_parallel_size"),
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_all(seed)
-    return DistEnv(rank, world, local_rank, tp, pp, ep, parallel_state.get_data_parallel_world_size(), cpu)
+    return DistEnv(rank, world, local_rank, tp, pp, ep, parallel_state.get_data_parallel_world_size(), cpu, cp)
 
 
 def seed_all(seed: int) -> None:

@@ -15,6 +15,8 @@ Python 3.11; a smoke subset in CI). Code elsewhere asks here instead of testing 
   depend on; ours is megatron-core's own, with its own queue: :func:`async_save_kwargs`.
 - 0.18 renamed ``MambaModel`` / ``mamba_stack_spec`` / ``hybrid_override_pattern`` to ``HybridModel`` /
   ``hybrid_stack_spec`` / ``hybrid_layer_pattern``: :func:`hybrid_model_class`, :func:`hybrid_model_kwargs`.
+- 0.19's ``get_batch_on_this_cp_rank`` also dispatches packed / hybrid CP and takes ``is_hybrid_cp``
+  (0.16: ``(batch, cp_group)``): :func:`batch_on_this_cp_rank`.
 - 0.19 made Mamba's conv bare parameters (``conv1d_weight``), checkpointed under the old
   ``conv1d.weight`` keys: :func:`canonical_name` and friends.
 
@@ -138,3 +140,15 @@ def async_save_kwargs() -> dict:
     from megatron.core import dist_checkpointing
 
     return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}
+
+
+def batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
+    """megatron-core's ``get_batch_on_this_cp_rank`` (every [b, s] tensor cut to this CP rank's two
+    load-balanced chunks), in either release's signature."""
+    import inspect
+
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False, cp_group=cp_group)
+    return get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)

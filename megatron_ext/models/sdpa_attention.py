@@ -5,8 +5,10 @@ an unfused softmax: on an H200 without Transformer Engine it takes most of a den
 (issue 10: SDPA is about 14x faster for one layer forward + backward). This module is a drop-in
 ``core_attention`` with the same constructor, inputs and output, and no parameters, so checkpoints
 do not change. :func:`core_attention_for` picks it wherever it computes the same thing (no sliding
-window, softmax offset or context parallelism), on GPUs and CPUs alike: on the CPU its fused kernel
-made a tiny SFT step (seq 256) about 30% faster than the local module, with the same losses (1e-7).
+window or softmax offset), on GPUs and CPUs alike: on the CPU its fused kernel made a tiny SFT step
+(seq 256) about 30% faster than the local module, with the same losses (1e-7). Under context
+parallelism it runs the causal ring of :mod:`megatron_ext.models.ring_attention` (megatron-core's own
+CP attention needs Transformer Engine).
 
 Masks follow megatron-core: ``attention_mask`` True marks positions that must not be attended. With
 no mask, attention is causal over aligned query / key positions (sq == sk), or unmasked for one new
@@ -32,6 +34,7 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from megatron_ext.models import tp_comm_overlap
+from megatron_ext.models.ring_attention import ring_attention
 
 
 class SDPAAttention(MegatronModule):
@@ -43,10 +46,10 @@ class SDPAAttention(MegatronModule):
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection: Optional[ProcessGroupCollection] = None):
         super().__init__(config=config)
-        assert config.context_parallel_size == 1, "context parallelism needs Transformer Engine's attention"
         assert unsupported_reason(config) is None, unsupported_reason(config)
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
         self.heads_per_partition = divide(config.num_attention_heads, pg_collection.tp.size())
         # apply_query_key_layer_scaling divides the scores by the layer number and the softmax
@@ -63,6 +66,8 @@ class SDPAAttention(MegatronModule):
         sq, b, np_, hn = query.shape
         sk = key.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, heads, s, hn]
+        if self.cp_group is not None:
+            return self._ring(q, k, v, attention_mask, attn_mask_type or self.attn_mask_type)
         mask, causal = None, False
         if attention_mask is not None:
             mask = ~attention_mask   # megatron: True = masked out; SDPA: True = attend
@@ -82,6 +87,18 @@ class SDPAAttention(MegatronModule):
             out = attend()
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
+    def _ring(self, q: Tensor, k: Tensor, v: Tensor, attention_mask, attn_mask_type) -> Tensor:
+        """Context parallelism: this rank's causal rows over the whole sequence, K/V in a ring."""
+        if attention_mask is not None or attn_mask_type != AttnMaskType.causal or q.size(2) != k.size(2):
+            raise NotImplementedError(
+                "context parallelism supports causal training / evaluation forwards only (no explicit mask, "
+                "no KV cache): run generation with context_parallel_size=1")
+        if self.training and self.dropout_p > 0:
+            raise NotImplementedError("attention dropout under context parallelism: set attention_dropout=0")
+        out = ring_attention(q, k, v, self.softmax_scale, self.cp_group)
+        sq, b = q.size(2), q.size(0)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
 
 def unsupported_reason(config: TransformerConfig) -> str | None:
     """Why SDPA would compute something else than ``DotProductAttention`` for this config, or None."""
@@ -89,8 +106,6 @@ def unsupported_reason(config: TransformerConfig) -> str | None:
         return "sliding-window attention"
     if getattr(config, "softmax_type", "vanilla") != "vanilla":
         return f"softmax_type={config.softmax_type}"
-    if config.context_parallel_size != 1:
-        return "context parallelism"
     return None
 
 
