@@ -29,7 +29,7 @@ def main(stage_dir: str) -> int:
     from megatron_ext import checkpointing, distributed, manifest
     from megatron_ext.errors import ConfigError
     from megatron_ext.fault_tolerance import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
-    from megatron_ext.stage import StageContext
+    from megatron_ext.stage import StageContext, stage_parallel_config
 
     stage_dir = Path(stage_dir).resolve()
     run_dir = stage_dir.parent
@@ -38,6 +38,7 @@ def main(stage_dir: str) -> int:
     parent = manifest.resolve_in(run_cfg.parent_checkpoint, run_dir)
     cfg = run_cfg.config
     cfg.run_dir = str(run_dir)   # the run folder is where this stage folder is now
+    cfg.parallel = stage_parallel_config(cfg, name)   # the stage's layout (e.g. context parallel or not)
     env = distributed.initialize(cfg.parallel, int(cfg.seed))
     t0 = time.perf_counter()
 

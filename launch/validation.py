@@ -15,7 +15,7 @@ from launch.stages import STAGE_KINDS
 from megatron_ext.batch_sizes import micro_batch_size
 from megatron_ext.errors import ConfigError
 from megatron_ext.expert_lr import expert_lr_scale
-from megatron_ext.stage import stage_model_config
+from megatron_ext.stage import stage_model_config, stage_parallel_config
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
 
@@ -74,21 +74,24 @@ def validate_parallel(model: Mapping, parallel: Mapping) -> dict[str, int]:
     from megatron_ext.models import tp_comm_overlap
 
     tp_comm_overlap.wanted(parallel.get("tp_comm_overlap"), tp > 1 and bool(parallel.get("sequence_parallel")))
+    cp = _positive_int(parallel.get("context_parallel_size") or 1, "parallel.context_parallel_size")
     world = nproc * nnodes
-    if world % (tp * pp):
+    if world % (tp * pp * cp):
         raise ConfigError(
             f"parallel: world size {world} (nproc_per_node x nnodes) is not divisible by "
-            f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp * pp}; "
-            f"make nproc_per_node x nnodes a multiple of {tp * pp}"
+            f"tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size = {tp * pp * cp}; "
+            f"make nproc_per_node x nnodes a multiple of {tp * pp * cp}"
         )
-    dp = world // (tp * pp)
+    dp = world // (tp * pp * cp)
+    if cp > 1:
+        _validate_context_parallel(model, tp, cp)
     experts = model.get("num_moe_experts")
     if experts:
         _divides(experts, "model.num_moe_experts", ep, "parallel.expert_model_parallel_size")
-        if dp % ep:
+        if (dp * cp) % ep:
             raise ConfigError(
-                f"parallel.expert_model_parallel_size={ep} must divide the data-parallel size {dp} "
-                f"(experts are spread over data-parallel ranks); choose one of {_divisors(dp)}"
+                f"parallel.expert_model_parallel_size={ep} must divide data-parallel x context-parallel "
+                f"size {dp * cp} (experts are spread over those ranks); choose one of {_divisors(dp * cp)}"
             )
         topk = _positive_int(model.get("moe_router_topk", 2), "model.moe_router_topk")
         if topk > experts:
@@ -98,7 +101,50 @@ def validate_parallel(model: Mapping, parallel: Mapping) -> dict[str, int]:
             f"parallel.expert_model_parallel_size={ep} needs an MoE model; this model has no "
             f"num_moe_experts: set parallel.expert_model_parallel_size=1"
         )
-    return {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "world": world}
+    return {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "cp": cp, "world": world}
+
+
+def _validate_context_parallel(model: Mapping, tp: int, cp: int) -> None:
+    """What context parallelism needs of the model: no attention dropout (the ring has no dropout),
+    and for Mamba2 megatron-core's all-to-all over heads (heads over TP x CP ranks; groups either
+    split over the CP ranks of a TP rank or repeated across them)."""
+    if float(model.get("attention_dropout") or 0.0) > 0:
+        raise ConfigError(f"model.attention_dropout={model.get('attention_dropout')}: context parallelism has no "
+                          f"attention dropout; set it to 0 or parallel.context_parallel_size=1")
+    if model.get("family") != "turbos_hybrid":
+        return
+    heads = _positive_int(model.get("mamba_num_heads"), "model.mamba_num_heads")
+    if heads % (tp * cp):
+        raise ConfigError(
+            f"model.mamba_num_heads={heads} is not divisible by tensor x context parallel = {tp} x {cp}: "
+            f"Mamba2's context parallelism gives every rank whole heads; choose context_parallel_size from "
+            f"{[d for d in _divisors(heads // tp) if d > 1] if heads % tp == 0 else []} or change the heads"
+        )
+    groups = _positive_int(model.get("mamba_num_groups") or 1, "model.mamba_num_groups")
+    local = groups // tp if groups % tp == 0 else 0
+    if not local or (local % cp and cp % local):
+        raise ConfigError(
+            f"model.mamba_num_groups={groups} with tensor_model_parallel_size={tp} and "
+            f"context_parallel_size={cp}: each TP rank's groups ({groups}/{tp}) must be divisible by the CP "
+            f"size or divide it (megatron-core's MambaContextParallel); change one of them"
+        )
+
+
+def validate_stage_sequence(model: Mapping, parallel: Mapping, prefix: str) -> None:
+    """Context parallelism cuts every sequence into 2 x CP chunks, and sequence parallelism each
+    rank's tokens over TP: the stage's sequence length must split evenly."""
+    cp = int(parallel.get("context_parallel_size") or 1)
+    if cp == 1:
+        return
+    tp = int(parallel["tensor_model_parallel_size"])
+    unit = 2 * cp * (tp if parallel.get("sequence_parallel") and tp > 1 else 1)
+    seq = int(model["seq_length"])
+    if seq % unit:
+        raise ConfigError(
+            f"{prefix}.seq_length={seq} is not a multiple of 2 x context_parallel_size"
+            f"{' x tensor_model_parallel_size' if unit != 2 * cp else ''} = {unit}: context parallelism "
+            f"cuts each sequence into {2 * cp} chunks; use a multiple of {unit} (e.g. {(seq // unit + 1) * unit})"
+        )
 
 
 def validate_model(model: Mapping, parallel: Mapping) -> None:
@@ -422,10 +468,13 @@ def validate(cfg: Mapping) -> dict[str, int]:
         if kind == "evaluate":
             validate_evaluate_stage(name, st, order)
             continue  # trains nothing: no train section
-        validate_train(st["train"], f"stages.{name}.train", sizes["dp"], sizes["pp"],
-                       cfg["parallel"].get("virtual_pipeline_model_parallel_size"))
+        parallel = stage_parallel_config(cfg, name)
         model = stage_model_config(cfg, name)
+        stage_sizes = validate_parallel(model, parallel)   # the stage's model and layout (CP or not)
+        validate_train(st["train"], f"stages.{name}.train", stage_sizes["dp"], stage_sizes["pp"],
+                       cfg["parallel"].get("virtual_pipeline_model_parallel_size"))
         seq = _positive_int(model["seq_length"], f"stages.{name}.model_overrides.seq_length")
+        validate_stage_sequence(model, parallel, f"stages.{name}.model_overrides")
         batch_tokens = int(st["train"]["global_batch_size"]) * seq
         expert_lr_scale(st["train"].get("expert_lr"), model, batch_tokens, field=f"stages.{name}.train.expert_lr")
     return sizes

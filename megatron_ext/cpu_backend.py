@@ -12,7 +12,7 @@ Patches, each with why:
    optimizer, grad clipping, schedules' token counts, RoPE, the default causal mask, the MoE aux-loss
    tracker, the rerun state machine) or touch ``torch.cuda.synchronize`` / ``torch.cuda.Stream``. Their
    global name ``torch`` is replaced by a proxy that forwards everything to torch except: factory
-   functions map a CUDA device to CPU, and ``torch.cuda`` is a small CPU stand-in (current device
+   functions map a CUDA device to CPU (and drop ``pin_memory``), and ``torch.cuda`` is a small CPU stand-in (current device
    ``"cpu"``, no-op synchronize/streams, CPU tensor types). torch itself is not modified by this.
 2. **``Tensor.type()`` without arguments** reports ``torch.cuda.<X>Tensor`` for CPU tensors: the
    distributed optimizer and ``clip_grads`` accept parameters only by comparing that string.
@@ -54,6 +54,7 @@ _CUDA_HARDCODED_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.rope_utils",   # context parallelism's RoPE rows
     "megatron.core.transformer.utils",
     "megatron.core.transformer.attention",
     "megatron.core.ssm.mamba_mixer",
@@ -101,6 +102,7 @@ def _cpu_factory(fn):
     def wrapper(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)   # page-locked host memory needs the CUDA driver
         return fn(*args, **kwargs)
 
     return wrapper

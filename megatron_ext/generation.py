@@ -263,6 +263,11 @@ class Generator:
                  static_decode: bool | None = None):
         self.chunks = [_unwrap(c) for c in (chunks if isinstance(chunks, (list, tuple)) else [chunks])]
         config = self.chunks[0].config
+        if config.context_parallel_size > 1:
+            raise ConfigError(
+                f"generation under context_parallel_size={config.context_parallel_size}: decoding keeps a "
+                f"whole KV cache and Mamba state per sequence on one rank; build the model with "
+                f"context_parallel_size=1 (post-training stages do: megatron_ext.stage.stage_parallel_config)")
         self.hidden_size = config.hidden_size
         self.dtype = config.params_dtype if not (config.bf16 or config.fp16) else (
             torch.bfloat16 if config.bf16 else torch.float16)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 from importlib import metadata
 
+import torch
 from packaging.version import Version
 
 MCORE_VERSION = Version(metadata.version("megatron-core"))
@@ -143,12 +144,15 @@ def async_save_kwargs() -> dict:
 
 
 def batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
-    """megatron-core's ``get_batch_on_this_cp_rank`` (every [b, s] tensor cut to this CP rank's two
-    load-balanced chunks), in either release's signature."""
+    """megatron-core's ``get_batch_on_this_cp_rank`` (every [b, s, ...] tensor cut to this CP rank's two
+    load-balanced chunks), in either release's signature; per-sample entries ([b]) pass through."""
     import inspect
 
     from megatron.core.utils import get_batch_on_this_cp_rank
 
+    sequences = {k: v for k, v in batch.items() if torch.is_tensor(v) and v.dim() >= 2}
     if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
-        return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False, cp_group=cp_group)
-    return get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)
+        cut = get_batch_on_this_cp_rank(sequences, is_hybrid_cp=False, cp_group=cp_group)
+    else:
+        cut = get_batch_on_this_cp_rank(sequences, cp_group=cp_group)
+    return {**batch, **cut}

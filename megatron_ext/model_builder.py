@@ -70,6 +70,7 @@ def transformer_config(model_cfg: Mapping[str, Any], parallel_cfg: Mapping[str, 
         virtual_pipeline_model_parallel_size=parallel_cfg.get("virtual_pipeline_model_parallel_size"),
         pipeline_dtype=(torch.float32 if cpu else torch.bfloat16) if pp > 1 else None,
         expert_model_parallel_size=int(parallel_cfg["expert_model_parallel_size"]),
+        context_parallel_size=int(parallel_cfg.get("context_parallel_size") or 1),
         sequence_parallel=sequence_parallel,
         # sequence-parallel all-gathers / reduce-scatters behind the GEMMs (GPU runs unless set)
         tp_comm_overlap=tp_comm_overlap.wanted(parallel_cfg.get("tp_comm_overlap"), sequence_parallel),

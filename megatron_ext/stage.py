@@ -35,6 +35,39 @@ def stage_model_config(cfg, name: str):
     return OmegaConf.merge(cfg.model, overrides)
 
 
+# Parallel fields a stage may change for itself; the world size (the job's GPUs) stays, so the stage's
+# data-parallel size is derived again. Checkpoints reshard between layouts (dist_checkpointing).
+STAGE_PARALLEL_OVERRIDES = ("context_parallel_size",)
+# Stage kinds whose loss is the token-level LM loss that context parallelism splits (megatron-core's
+# get_batch_on_this_cp_rank + the trainer's CP-aware mean); the others (packed SFT masks, generation,
+# RL) run a context-parallel layout's ranks as data parallel.
+CONTEXT_PARALLEL_KINDS = ("pretrain",)
+
+
+def stage_parallel_config(cfg, name: str):
+    """``cfg.parallel`` for stage ``name``: its ``parallel_overrides`` applied, and context parallelism
+    folded into data parallelism for kinds that do not support it (:data:`CONTEXT_PARALLEL_KINDS`)."""
+    from omegaconf import OmegaConf
+
+    stage = cfg.stages[name]
+    overrides = {k: v for k, v in (stage.get("parallel_overrides") or {}).items() if v is not None}
+    bad = sorted(set(overrides) - set(STAGE_PARALLEL_OVERRIDES))
+    if bad:
+        raise ConfigError(
+            f"stages.{name}.parallel_overrides.{bad[0]}: a stage may only change {list(STAGE_PARALLEL_OVERRIDES)}; "
+            f"set the rest in the parallel preset"
+        )
+    if stage.get("kind") not in CONTEXT_PARALLEL_KINDS:
+        if int(overrides.get("context_parallel_size") or 1) > 1:
+            raise ConfigError(
+                f"stages.{name}.parallel_overrides.context_parallel_size={overrides['context_parallel_size']}: "
+                f"context parallelism applies to {list(CONTEXT_PARALLEL_KINDS)} stages only, not kind "
+                f"{stage.get('kind')!r}; remove the override"
+            )
+        overrides["context_parallel_size"] = 1
+    return OmegaConf.merge(cfg.parallel, overrides)
+
+
 def ntk_rope_base(base: float, context_scale: float, head_dim: int) -> float:
     """RoPE base for a context ``context_scale`` times longer ("NTK-aware" scaling).
 

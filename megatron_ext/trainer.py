@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import checkpointing
+from megatron_ext.mcore_compat import batch_on_this_cp_rank
 from megatron_ext.fault_tolerance import Preempted, PreemptionGuard, TrainingDiverged
 from megatron_ext.metrics import MetricsWriter
 from megatron_ext.optim import step_if_finite
@@ -64,16 +65,30 @@ class StepBatches:
 
 
 def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean loss over the micro-batch's unmasked tokens; ``lm_loss`` reports [sum, count].
+
+    Under context parallelism each rank holds 2 of 2 x CP chunks of every sequence: the mean is over
+    the whole sequences' tokens (the count summed over the CP group; the sum stays local, so each
+    rank's gradient is its own tokens' share). megatron-core's schedule multiplies a (loss, report)
+    result by the CP size, which undoes DDP's average over data x context ranks.
+    """
     mask = loss_mask.float()
     total = (per_token_loss.float() * mask).sum()
-    count = mask.sum().clamp(min=1)
-    loss = total / count
+    count = mask.sum()
+    whole = count.detach()
+    if parallel_state.get_context_parallel_world_size() > 1:
+        whole = whole.clone()
+        dist.all_reduce(whole, group=parallel_state.get_context_parallel_group())
+    loss = total / whole.clamp(min=1)
     return loss, {"lm_loss": torch.stack([total.detach(), count.detach()])}
 
 
 def lm_forward_step(batch_iter, model):
-    """megatron-core forward step for causal LM batches from :class:`StepBatches`."""
+    """megatron-core forward step for causal LM batches from :class:`StepBatches`: under context
+    parallelism each rank keeps its two load-balanced chunks of every row (megatron-core's order)."""
     batch = next(batch_iter)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        batch = batch_on_this_cp_rank(batch, parallel_state.get_context_parallel_group())
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, lambda out: masked_mean_loss(batch["loss_mask"], out)
 
@@ -108,13 +123,13 @@ def moe_aux_losses(num_microbatches: int, num_layers: int) -> dict[str, list[flo
 
 
 def _reduce_lm_loss(losses: Sequence[dict]) -> float:
-    """Token-weighted mean LM loss of one step across micro-batches and data-parallel ranks."""
+    """Token-weighted mean LM loss of one step across micro-batches, data- and context-parallel ranks."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         totals = torch.zeros(2)
     else:
         totals = torch.stack([d["lm_loss"] for d in losses]).sum(0) if losses else torch.zeros(2)
     totals = totals.to(torch.float64)
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     # the last pipeline stage holds the loss; share it with the other stages
     dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     return float(totals[0] / totals[1].clamp(min=1))

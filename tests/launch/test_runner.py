@@ -255,6 +255,20 @@ def test_tiny_turbos_hybrid_trains_in_the_pipeline(tmp_path):
     assert m["final_metrics"]["valid_loss"] < m["final_metrics"]["initial_valid_loss"] - 0.5
 
 
+def test_context_parallel_layout_runs_long_context_and_post_training_as_data_parallel(tmp_path):
+    """``parallel=cp2``: the long-context stage splits its sequences over the two ranks (hybrid: K/V
+    ring for attention, all-to-all for Mamba2); SFT, which cannot, runs the same two ranks as DP2."""
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, "model=tiny_turbos", "parallel=cp2", "pipeline.order=[long_context,sft]")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    long_context, sft = manifest(run_dir, "01_long_context"), manifest(run_dir, "02_sft")
+    assert long_context["config"]["parallel"]["context_parallel_size"] == 2
+    assert sft["config"]["parallel"]["context_parallel_size"] == 1
+    final = long_context["final_metrics"]
+    assert final["valid_loss"] < final["initial_valid_loss"]
+    assert sft["status"] == "complete"
+
+
 def test_sigterm_to_the_runner_checkpoints_and_exits_for_requeue(tmp_path):
     """What SLURM does before preemption: the stage saves after its current step, the runner exits
     with the requeue code, and the next run resumes from that step."""

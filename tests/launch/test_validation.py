@@ -22,7 +22,7 @@ def check(overrides, *fragments):
 
 def test_default_config_is_valid():
     sizes = validate(load_config([]))
-    assert sizes == {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "world": 1}
+    assert sizes == {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "cp": 1, "world": 1}
 
 
 def test_tensor_parallel_must_divide_heads():
@@ -47,7 +47,7 @@ def test_world_size_must_fit_layout():
 
 def test_expert_parallel_needs_data_parallel_room():
     check(["parallel=tp2", "parallel.expert_model_parallel_size=2"],
-          "parallel.expert_model_parallel_size=2", "data-parallel size 1")
+          "parallel.expert_model_parallel_size=2", "data-parallel x context-parallel size 1")
 
 
 def test_tp_comm_overlap_needs_sequence_parallelism():
@@ -210,3 +210,59 @@ def test_cla_groups_must_fit_virtual_pipeline_chunks():
 
 def test_virtual_pipeline_is_valid_for_single_layer_chunks():
     validate(load_config(["parallel=pp2_vpp2", "model.cla_share_factor=1"]))
+
+
+@pytest.mark.parametrize("model", ["tiny_large", "tiny_turbos"])
+@pytest.mark.parametrize("layout, sizes", [("cp2", (1, 1, 2)), ("tp2_cp2", (2, 1, 2))])
+def test_context_parallel_presets_are_valid(model, layout, sizes):
+    got = validate(load_config([f"model={model}", f"parallel={layout}"]))
+    assert (got["tp"], got["dp"], got["cp"]) == sizes
+
+
+def test_context_parallel_needs_sequences_in_2_x_cp_x_tp_chunks():
+    # TP2 x CP2 with sequence parallelism: 8 pieces per sequence; the long-context stage's own length
+    check(["parallel=tp2_cp2", "stages.long_context.model_overrides.seq_length=260"],
+          "stages.long_context.model_overrides.seq_length=260", "2 x context_parallel_size x "
+          "tensor_model_parallel_size = 8", "264")
+
+
+def test_context_parallel_world_size_and_expert_layout():
+    check(["parallel=cp2", "parallel.nproc_per_node=3"], "world size 3",
+          "context_parallel_size = 2")
+    # experts spread over data x context ranks: CP2 x DP1 holds EP2, not EP4
+    validate(load_config(["parallel=cp2", "parallel.expert_model_parallel_size=2"]))
+    check(["parallel=cp2", "parallel.expert_model_parallel_size=4"], "expert_model_parallel_size=4",
+          "data-parallel x context-parallel size 2")
+
+
+def test_context_parallel_refuses_attention_dropout():
+    check(["parallel=cp2", "model.attention_dropout=0.1"], "model.attention_dropout=0.1", "context parallelism")
+
+
+def test_mamba_heads_and_groups_must_split_over_tp_x_cp():
+    check(["model=tiny_turbos", "parallel=cp2", "parallel.context_parallel_size=4", "parallel.nproc_per_node=4",
+           "model.mamba_num_heads=6", "model.mamba_num_groups=2"],
+          "model.mamba_num_heads=6", "1 x 4")
+    # 3 groups on one TP rank cannot be split over, nor repeated across, 2 CP ranks
+    check(["model=tiny_turbos", "parallel=cp2", "model.mamba_num_heads=6", "model.mamba_num_groups=3"],
+          "model.mamba_num_groups=3", "context_parallel_size=2")
+
+
+def test_context_parallel_stage_layouts():
+    from megatron_ext.stage import stage_parallel_config
+
+    cfg = load_config(["parallel=cp2"])
+    assert stage_parallel_config(cfg, "long_context").context_parallel_size == 2
+    # post-training kinds run the CP ranks as data parallel
+    assert stage_parallel_config(cfg, "sft").context_parallel_size == 1
+    # a pretraining-kind stage may choose its own CP size (the world size stays)
+    cfg = load_config(["parallel=dp2", "stages.long_context.parallel_overrides.context_parallel_size=2"])
+    assert stage_parallel_config(cfg, "long_context").context_parallel_size == 2
+    assert stage_parallel_config(cfg, "pretrain").context_parallel_size == 1
+    validate(cfg)
+    check(["parallel=dp2", "stages.long_context.parallel_overrides.context_parallel_size=2",
+           "stages.long_context.model_overrides.seq_length=250"], "stages.long_context.model_overrides.seq_length=250")
+    check(["parallel=dp2", "+stages.sft.parallel_overrides={context_parallel_size: 2}"],
+          "stages.sft.parallel_overrides.context_parallel_size=2", "remove the override")
+    check(["+stages.pretrain.parallel_overrides.tensor_model_parallel_size=2"],
+          "stages.pretrain.parallel_overrides.tensor_model_parallel_size")

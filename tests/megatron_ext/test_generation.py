@@ -153,3 +153,13 @@ def test_every_layout_generates_what_one_process_does(runs, model, layout):
         assert got[key]["finished"] == ref[ref_key]["finished"], key
         for a, b in zip(got[key]["logprobs"], ref[ref_key]["logprobs"]):
             assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_generation_refuses_context_parallel_models():
+    from types import SimpleNamespace
+
+    from megatron_ext.generation import Generator
+
+    chunk = SimpleNamespace(config=SimpleNamespace(context_parallel_size=2))
+    with pytest.raises(ConfigError, match="context_parallel_size=2.*context_parallel_size=1"):
+        Generator([chunk], vocab_size=16)

@@ -24,6 +24,9 @@ FAMILIES = {
 }
 LAYOUTS = {  # layout -> processes
     "tp2": 2, "ep2": 2, "dp2": 2, "pp2": 2, "tp2_ep2": 4, "pp2_dp2": 4, "pp2_vpp2": 2, "tp2_overlap": 2,
+    # context parallelism: attention's K/V ring (CLA consumers reuse their producer's local K/V),
+    # Mamba2's all-to-all over heads, the CP-split batch and loss
+    "cp2": 2, "tp2_cp2": 4,
 }
 # layouts that are a parallel preset plus overrides (the rest are parallel=<layout>)
 LAYOUT_OVERRIDES = {
@@ -31,7 +34,7 @@ LAYOUT_OVERRIDES = {
     "tp2_overlap": ["parallel=tp2", "parallel.tp_comm_overlap=true"],
 }
 CASES = ([("tiny_large", layout) for layout in LAYOUTS if layout != "pp2_vpp2"]
-         + [("tiny_turbos", layout) for layout in ("tp2", "pp2", "dp2", "tp2_overlap")]
+         + [("tiny_turbos", layout) for layout in ("tp2", "pp2", "dp2", "tp2_overlap", "cp2", "tp2_cp2")]
          + [("tiny_large_no_cla", "pp2_vpp2")])
 if os.environ.get("TURBOLASER_PARITY_LAYOUTS"):   # a subset, e.g. "tp2" (the megatron-core 0.16 smoke run)
     CASES = [c for c in CASES if c[1] in os.environ["TURBOLASER_PARITY_LAYOUTS"].split(",")]
