@@ -266,3 +266,16 @@ def test_context_parallel_stage_layouts():
           "stages.sft.parallel_overrides.context_parallel_size=2", "remove the override")
     check(["+stages.pretrain.parallel_overrides.tensor_model_parallel_size=2"],
           "stages.pretrain.parallel_overrides.tensor_model_parallel_size")
+
+
+@pytest.mark.parametrize("model", ["hunyuan_turbos", "hunyuan_large"])
+def test_real_size_256k_stage_runs_context_parallel_8(model):
+    from megatron_ext.stage import stage_model_config, stage_parallel_config
+
+    overrides = [f"model={model}", "parallel=h200_node", "pipeline=turbos_pretrain", "pipeline.order=[long_context_256k]"]
+    cfg = load_config([*overrides, "parallel.nnodes=16"])
+    validate(cfg)
+    assert stage_parallel_config(cfg, "long_context_256k").context_parallel_size == 8
+    assert stage_model_config(cfg, "long_context_256k").seq_length == 256 * 1024
+    # one 8-GPU node cannot hold TP2 x CP8
+    check([*overrides, "parallel.nnodes=1"], "world size 8", "context_parallel_size = 16")
