@@ -51,7 +51,7 @@ $(STAMP016): setup.cfg pyproject.toml requirements/constraints.txt
 	$(VENV016)/bin/python -m pip install --quiet -c $(VENV016)/constraints.txt -e '.[dev]'
 	touch $(STAMP016)
 
-# both families, TP2 parity (and the checkpoint reshard it loads through), resume, the NaN guard,
+# both families, TP2 and CP2 parity (and the checkpoint reshard it loads through), resume, the NaN guard,
 # grouped experts, the RL loss
 test-mcore016: $(STAMP016)
-	TURBOLASER_PARITY_LAYOUTS=tp2 $(VENV016)/bin/python -m pytest -p no:cacheprovider $(MCORE016_SMOKE)
+	TURBOLASER_PARITY_LAYOUTS=tp2,cp2 $(VENV016)/bin/python -m pytest -p no:cacheprovider $(MCORE016_SMOKE)

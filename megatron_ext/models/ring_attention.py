@@ -68,6 +68,7 @@ def _block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) 
     """(out [b, h, sq, d] in q's dtype, log-sum-exp [b, h, sq] in the accumulation dtype)."""
     kind = _kernel(q)
     if kind == "flash" and q.is_cuda:
+        q, k, v = (t.contiguous() for t in (q, k, v))   # ring steps pass half-sequence slices
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     elif kind == "flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -86,9 +87,10 @@ def _block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     if kind == "flash" and q.is_cuda:
         # dense inputs: the varlen arguments are unused; no dropout, so no RNG state
         empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.float(), empty, empty, q.size(2), k.size(2), 0.0, causal, empty, empty,
-            scale=scale)
+            dout, q, k, v, out, lse.float().contiguous(), empty, empty, q.size(2), k.size(2), 0.0, causal,
+            empty, empty, scale=scale)
     if kind == "flash":
         lse = lse.to(torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -26,12 +26,15 @@ LAYOUTS = {  # layout -> processes
     "tp2": 2, "ep2": 2, "dp2": 2, "pp2": 2, "tp2_ep2": 4, "pp2_dp2": 4, "pp2_vpp2": 2, "tp2_overlap": 2,
     # context parallelism: attention's K/V ring (CLA consumers reuse their producer's local K/V),
     # Mamba2's all-to-all over heads, the CP-split batch and loss
-    "cp2": 2, "tp2_cp2": 4,
+    "cp2": 2, "tp2_cp2": 4, "pp2_cp2_ep2": 4,
 }
 # layouts that are a parallel preset plus overrides (the rest are parallel=<layout>)
 LAYOUT_OVERRIDES = {
     # the GPU path's overlapped sequence-parallel linears (megatron_ext.models.tp_comm_overlap), forced on
     "tp2_overlap": ["parallel=tp2", "parallel.tp_comm_overlap=true"],
+    # pipeline stages of context-parallel ranks, experts spread over the CP ranks (DP x CP = 2)
+    "pp2_cp2_ep2": ["parallel=cp2", "parallel.nproc_per_node=4", "parallel.pipeline_model_parallel_size=2",
+                    "parallel.expert_model_parallel_size=2"],
 }
 CASES = ([("tiny_large", layout) for layout in LAYOUTS if layout != "pp2_vpp2"]
          + [("tiny_turbos", layout) for layout in ("tp2", "pp2", "dp2", "tp2_overlap", "cp2", "tp2_cp2")]
