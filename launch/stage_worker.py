@@ -49,6 +49,9 @@ def main(stage_dir: str) -> int:
                    "forked": os.environ.get(stage_forks.FORKED_ENV) == "1"}
         manifest.begin_attempt(stage_dir, name, cfg.stages[name].kind,
                                OmegaConf.to_container(cfg, resolve=True), parent, resumed_from, process)
+        if env.world_size > 1:
+            print(f"[{name}] layout: TP{env.tp} x PP{env.pp} x CP{env.cp} x DP{env.dp}, EP{env.ep} "
+                  f"({env.world_size} processes)", flush=True)
         if resumed_from is not None:
             print(f"[{name}] resuming from {latest}", flush=True)
 

@@ -130,7 +130,8 @@ class _Ring:
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
     def hop(self, tensor: Tensor) -> tuple[Tensor, list]:
-        """Post the send of ``tensor`` and the receive of the previous rank's; wait on the handles."""
+        """Post the send of ``tensor`` to the next rank and the receive of the previous rank's; returns
+        the receive buffer and the handles to wait on before reading it (or reusing ``tensor``)."""
         received = torch.empty_like(tensor)
         ops = [dist.P2POp(dist.isend, tensor, self.next, self.group),
                dist.P2POp(dist.irecv, received, self.prev, self.group)]

@@ -267,6 +267,8 @@ def test_context_parallel_layout_runs_long_context_and_post_training_as_data_par
     final = long_context["final_metrics"]
     assert final["valid_loss"] < final["initial_valid_loss"]
     assert sft["status"] == "complete"
+    assert "layout: TP1 x PP1 x CP2 x DP1" in (run_dir / "01_long_context" / "logs" / "worker.log").read_text()
+    assert "layout: TP1 x PP1 x CP1 x DP2" in (run_dir / "02_sft" / "logs" / "worker.log").read_text()
 
 
 def test_sigterm_to_the_runner_checkpoints_and_exits_for_requeue(tmp_path):
