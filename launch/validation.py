@@ -192,8 +192,10 @@ def validate_train(train: Mapping, prefix: str, dp: int, pp: int = 1, vpp: int |
     if style not in LR_DECAY_STYLES:
         raise ConfigError(f"{prefix}.lr_decay_style={style!r}: choose one of {list(LR_DECAY_STYLES)}")
     warmup = train["warmup_steps"]
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= steps:
-        raise ConfigError(f"{prefix}.warmup_steps={warmup!r}: must be an integer in [0, steps={steps}]")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < steps:
+        # megatron-core's OptimizerParamScheduler asserts lr_warmup_steps < lr_decay_steps (= steps)
+        raise ConfigError(f"{prefix}.warmup_steps={warmup!r}: must be an integer in [0, steps - 1 = {steps - 1}] "
+                          f"(the schedule needs a step after the warm-up); lower it or raise {prefix}.steps")
     if style == "WSD":
         decay = train.get("wsd_decay_steps")
         if not isinstance(decay, int) or not 0 < decay <= steps - warmup:

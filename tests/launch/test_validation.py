@@ -279,3 +279,25 @@ def test_real_size_256k_stage_runs_context_parallel_8(model):
     assert stage_model_config(cfg, "long_context_256k").seq_length == 256 * 1024
     # one 8-GPU node cannot hold TP2 x CP8
     check([*overrides, "parallel.nnodes=1"], "world size 8", "context_parallel_size = 16")
+
+
+def test_warmup_must_leave_a_step_for_the_schedule():
+    """Found by a new user: warmup_steps == steps passed validation and the stage then died in
+    megatron-core's OptimizerParamScheduler (assert lr_warmup_steps < lr_decay_steps)."""
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    check(["stages.pretrain.train.steps=1", "stages.pretrain.train.warmup_steps=1"],
+          "stages.pretrain.train.warmup_steps=1", "steps - 1 = 0")
+    validate(load_config(["stages.pretrain.train.steps=2", "stages.pretrain.train.warmup_steps=1"]))
+
+    def schedule(steps, warmup):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=0.1, min_lr=0.0, lr_warmup_steps=warmup,
+                                       lr_decay_steps=steps, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                                       wd_incr_steps=steps, wd_incr_style="constant")
+
+    for steps, warmup in ((1, 0), (2, 1)):   # the edges validation lets through: megatron-core accepts them
+        schedule(steps, warmup)
+    with pytest.raises(AssertionError):      # the edge it refuses
+        schedule(1, 1)
