@@ -36,6 +36,27 @@ def _non_negative_int(value: Any, field: str) -> int:
     return value
 
 
+def _number(value: Any, field: str, low: float, high: float = float("inf"), *, low_open: bool = False,
+            high_open: bool = False) -> float:
+    """A real number in the interval [low, high] (an end excluded where ``*_open``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{field}={value!r}: must be a number in {interval}")
+    return float(value)
+
+
+def _optional_positive_int(model: Mapping, key: str, meaning: str) -> None:
+    """``model.<key>``: null (``meaning``) or a positive integer."""
+    if model.get(key) is not None:
+        try:
+            _positive_int(model[key], f"model.{key}")
+        except ConfigError as err:
+            raise ConfigError(f"{err}, or null ({meaning})") from None
+
+
 def _divides(n: int, n_field: str, d: int, d_field: str) -> None:
     if n % d:
         raise ConfigError(
@@ -74,7 +95,8 @@ def validate_parallel(model: Mapping, parallel: Mapping) -> dict[str, int]:
     from megatron_ext.models import tp_comm_overlap
 
     tp_comm_overlap.wanted(parallel.get("tp_comm_overlap"), tp > 1 and bool(parallel.get("sequence_parallel")))
-    cp = _positive_int(parallel.get("context_parallel_size") or 1, "parallel.context_parallel_size")
+    cp = parallel.get("context_parallel_size")
+    cp = 1 if cp is None else _positive_int(cp, "parallel.context_parallel_size")
     world = nproc * nnodes
     if world % (tp * pp * cp):
         raise ConfigError(
@@ -154,6 +176,18 @@ def validate_model(model: Mapping, parallel: Mapping) -> None:
     family = model.get("family")
     if family not in ("hunyuan_moe", "turbos_hybrid"):
         raise ConfigError(f"model.family={family!r}: choose hunyuan_moe or turbos_hybrid")
+    for key, meaning in (("num_query_groups", "as many as attention heads"), ("cla_share_factor", "no CLA"),
+                         ("num_moe_experts", "a dense model"), ("moe_ffn_hidden_size", "ffn_hidden_size"),
+                         ("moe_shared_expert_intermediate_size", "no shared expert"),
+                         ("vocab_size", "the tokenizer's")):
+        _optional_positive_int(model, key, meaning)
+    if model.get("rotary_base") is not None:
+        _number(model["rotary_base"], "model.rotary_base", 0.0, low_open=True)
+    for key in ("hidden_dropout", "attention_dropout"):
+        if model.get(key) is not None:
+            _number(model[key], f"model.{key}", 0.0, 1.0, high_open=True)
+    if model.get("moe_expert_capacity_factor") is not None:
+        _number(model["moe_expert_capacity_factor"], "model.moe_expert_capacity_factor", 0.0, low_open=True)
     share = model.get("cla_share_factor") or 1
     if share > 1:
         from megatron_ext.models.cla_attention import validate_cla_layout
@@ -205,6 +239,13 @@ def validate_train(train: Mapping, prefix: str, dp: int, pp: int = 1, vpp: int |
             )
     if not float(train["min_lr"]) <= float(train["lr"]):
         raise ConfigError(f"{prefix}.min_lr={train['min_lr']} must not exceed {prefix}.lr={train['lr']}")
+    # megatron-core's OptimizerParamScheduler asserts init_lr <= max_lr; torch's Adam refuses betas >= 1
+    _number(train.get("init_lr", 0.0), f"{prefix}.init_lr", 0.0, float(train["lr"]))
+    for key in ("adam_beta1", "adam_beta2"):
+        _number(train[key], f"{prefix}.{key}", 0.0, 1.0, high_open=True)
+    _positive_int(train.get("log_interval", 1), f"{prefix}.log_interval")
+    for key in ("eval_interval", "save_interval"):   # 0: only at the end
+        _non_negative_int(train.get(key, 0), f"{prefix}.{key}")
 
 
 def validate_data(data: Mapping) -> None:
