@@ -188,6 +188,8 @@ def validate_model(model: Mapping, parallel: Mapping) -> None:
             _number(model[key], f"model.{key}", 0.0, 1.0, high_open=True)
     if model.get("moe_expert_capacity_factor") is not None:
         _number(model["moe_expert_capacity_factor"], "model.moe_expert_capacity_factor", 0.0, low_open=True)
+    if family == "turbos_hybrid":
+        _validate_mamba(model, int(parallel["tensor_model_parallel_size"]))
     share = model.get("cla_share_factor") or 1
     if share > 1:
         from megatron_ext.models.cla_attention import validate_cla_layout
@@ -205,6 +207,21 @@ def validate_model(model: Mapping, parallel: Mapping) -> None:
                             moe_pad_expert_input_to_capacity=model.get("moe_pad_expert_input_to_capacity", False)),
             model.get("moe_routing_mode") or "dropless",
         )
+
+
+def _validate_mamba(model: Mapping, tp: int) -> None:
+    """The hybrid's block layout against num_layers, and megatron-core MambaMixer's shape rules."""
+    from megatron_ext.models.turbos_layout import layer_pattern
+
+    layer_pattern(model)
+    for key in ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim", "mamba_chunk_size"):
+        if model.get(key) is not None:
+            _positive_int(model[key], f"model.{key}")
+    heads, groups = model.get("mamba_num_heads"), model.get("mamba_num_groups")
+    if heads is not None and groups is not None:
+        _divides(heads, "model.mamba_num_heads", groups, "model.mamba_num_groups")
+        _divides(heads, "model.mamba_num_heads", tp, "parallel.tensor_model_parallel_size")
+        _divides(groups, "model.mamba_num_groups", tp, "parallel.tensor_model_parallel_size")
 
 
 def validate_train(train: Mapping, prefix: str, dp: int, pp: int = 1, vpp: int | None = None) -> None:

@@ -48,7 +48,7 @@ class RemoteFormat:
             **{k if k.endswith("_token_id") else f"{k}_token_id": v for k, v in special_tokens.items()},
         }
         if self.family == "turbos_hybrid":
-            from megatron_ext.models.turbos_hybrid import layer_pattern
+            from megatron_ext.models.turbos_layout import layer_pattern
 
             cfg["layer_pattern"] = layer_pattern(model_cfg)
         return cfg

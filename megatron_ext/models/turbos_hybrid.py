@@ -17,22 +17,10 @@ from megatron.core.transformer import TransformerConfig
 from megatron_ext.errors import ConfigError
 from megatron_ext.mcore_compat import hybrid_model_class, hybrid_model_kwargs
 from megatron_ext.models.hybrid_specs import hybrid_stack_spec
-from megatron_ext.models.turbos_layout import compile_layout
+from megatron_ext.models.turbos_layout import layer_pattern
 
 # Keys of a model preset read here (not TransformerConfig fields).
 MODEL_KEYS = ("hybrid_blocks", "hybrid_block_types", "mamba_chunk_size", "moe_routing_mode")
-
-
-def layer_pattern(model_cfg: Mapping[str, Any]) -> str:
-    """The preset's block layout as a hybrid pattern, checked against ``num_layers``."""
-    pattern = compile_layout(model_cfg["hybrid_blocks"], model_cfg["hybrid_block_types"],
-                             moe=bool(model_cfg.get("num_moe_experts")))
-    if len(pattern) != int(model_cfg["num_layers"]):
-        raise ConfigError(
-            f"model.num_layers={model_cfg['num_layers']} but model.hybrid_blocks compiles to "
-            f"{len(pattern)} layers ({pattern}); make them agree"
-        )
-    return pattern
 
 
 def build(

@@ -73,6 +73,18 @@ def compile_layout(blocks: str, block_types: Mapping[str, str], moe: bool = True
     return "".join(table[c] for c in letters)
 
 
+def layer_pattern(model_cfg: Mapping) -> str:
+    """The preset's block layout as a hybrid pattern, checked against ``num_layers``."""
+    pattern = compile_layout(model_cfg["hybrid_blocks"], model_cfg["hybrid_block_types"],
+                             moe=bool(model_cfg.get("num_moe_experts")))
+    if len(pattern) != int(model_cfg["num_layers"]):
+        raise ConfigError(
+            f"model.num_layers={model_cfg['num_layers']} but model.hybrid_blocks compiles to "
+            f"{len(pattern)} layers ({pattern}); make them agree"
+        )
+    return pattern
+
+
 def layer_counts(pattern: str) -> dict[str, int]:
     return {
         "layers": len(pattern),

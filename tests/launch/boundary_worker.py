@@ -1,7 +1,10 @@
 """Test worker (one process): every numeric field of the pretraining stage, the tiny_large model and the
 parallel preset at its boundary values either runs the stage's first step or is refused by validation.
 
-    boundary_worker.py <out.json> <scratch folder>
+    boundary_worker.py <out.json> <scratch folder> [model preset, default tiny_large] [sections]
+
+``sections``: comma-separated config sections to walk (default ``stages.pretrain.train,model,parallel``;
+the train and parallel fields do not depend on the model family).
 
 For each field: 0, 1, the value of a related field and one past it (``RELATED``; floats: 0, 1 and the
 related value). Each candidate config goes through ``launch.validation.validate``; a refused one
@@ -26,7 +29,7 @@ from megatron_ext.errors import ConfigError
 from megatron_ext.quiet import quiet_known_warnings
 from megatron_ext.stage import StageContext, stage_model_config
 
-BASE = ["model=tiny_large", "pipeline.order=[pretrain]", "model.seq_length=32",
+BASE = ["pipeline.order=[pretrain]", "model.seq_length=32",
         "stages.pretrain.train.steps=6", "stages.pretrain.train.warmup_steps=2",
         "stages.pretrain.train.global_batch_size=4", "stages.pretrain.train.eval_iters=1",
         "stages.pretrain.train.eval_interval=3", "stages.pretrain.train.save_interval=3",
@@ -47,17 +50,19 @@ RELATED = {
     "model.moe_router_topk": ["model.num_moe_experts"],
     "model.cla_share_factor": ["model.num_layers"],
     "model.num_layers": ["model.cla_share_factor"],
+    "model.mamba_num_groups": ["model.mamba_num_heads"],
+    "model.mamba_chunk_size": ["model.seq_length"],
 }
 # fields the walk leaves alone: layout fields needing more processes than this one (their boundaries
 # are checked by validation only: nproc_per_node 1 cannot hold them), and YAML-only bookkeeping
 NOT_RUN = {"parallel.nnodes"}
 
 
-def numeric_fields(cfg) -> dict[str, float]:
+def numeric_fields(cfg, sections) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     out = {}
-    for section in (TRAIN, "model", "parallel"):
+    for section in sections:
         node = OmegaConf.select(cfg, section)
         for key, value in OmegaConf.to_container(node, resolve=True).items():
             name = f"{section}.{key}"
@@ -120,13 +125,15 @@ def first_step(cfg, scratch: Path, env) -> float:
     return losses[0]
 
 
-def main(out: str, scratch: str) -> None:
+def main(out: str, scratch: str, model: str = "tiny_large", sections: str = f"{TRAIN},model,parallel") -> None:
+    global BASE
     quiet_known_warnings()
+    BASE = [f"model={model}", *BASE]
     base = load_config(BASE)
     env = distributed.initialize(base.parallel, int(base.seed))
     results = []
     n = 0
-    for field, value in numeric_fields(base).items():
+    for field, value in numeric_fields(base, sections.split(",")).items():
         for candidate in candidates(base, field, value):
             if candidate == value:
                 continue

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_ext.models.turbos_hybrid import layer_pattern
+from megatron_ext.models.turbos_layout import layer_pattern
 
 WORKER = Path(__file__).with_name("hunyuan_worker.py")
 REMOTE = Path(__file__).resolve().parents[3] / "megatron_ext" / "hf" / "remote" / "turbolaser_hybrid"
