@@ -9,8 +9,8 @@ Layout: megatron-core's load-balanced causal order (``get_batch_on_this_cp_rank`
 cut into 2 x CP chunks of ``c`` tokens and CP rank ``r`` holds chunks ``r`` and ``2CP-1-r``, so every
 rank does the same causal work. Each rank's local [2c] queries, keys and values are in that order.
 
-Forward (as in Liu et al. 2023, "Ring Attention", arXiv 2310.01889, with the causal split of
-Brandon et al. 2023, "Striped Attention" / TE's p2p CP): K/V travel round the ring, one hop per step,
+Forward (Liu et al. 2023, "Ring Attention", arXiv 2310.01889, on the load-balanced "zigzag" causal
+split that Transformer Engine's p2p CP uses): K/V travel round the ring, one hop per step,
 the next hop's send / receive posted before the local block is computed so they overlap it. At step
 ``i`` rank ``r`` holds the K/V of rank ``s = (r - i) mod CP``; by chunk order:
 
