@@ -37,7 +37,8 @@ LAYOUT_OVERRIDES = {
                     "parallel.expert_model_parallel_size=2"],
 }
 CASES = ([("tiny_large", layout) for layout in LAYOUTS if layout != "pp2_vpp2"]
-         + [("tiny_turbos", layout) for layout in ("tp2", "pp2", "dp2", "tp2_overlap", "cp2", "tp2_cp2")]
+         + [("tiny_turbos", layout) for layout in ("tp2", "pp2", "dp2", "tp2_overlap", "cp2", "tp2_cp2",
+                                                   "pp2_cp2_ep2")]
          + [("tiny_large_no_cla", "pp2_vpp2")])
 if os.environ.get("TURBOLASER_PARITY_LAYOUTS"):   # a subset, e.g. "tp2" (the megatron-core 0.16 smoke run)
     CASES = [c for c in CASES if c[1] in os.environ["TURBOLASER_PARITY_LAYOUTS"].split(",")]
