@@ -22,3 +22,18 @@ def test_recompute_keeps_the_losses(torchrun, tmp_path, model):
     for name in ("full", "selective"):
         assert runs[name]["train_losses"] == pytest.approx(runs["none"]["train_losses"], rel=1e-6, abs=1e-6), name
         assert runs[name]["eval_loss_after"] == pytest.approx(runs["none"]["eval_loss_after"], rel=1e-6), name
+
+
+def test_recompute_under_context_parallelism_keeps_the_losses(torchrun, tmp_path):
+    """Recomputed core attention replays the K/V ring in the backward: CP2 with full and selective
+    recomputation gives the losses and grad norms of CP2 without it (tiny_large: CLA pairs)."""
+    runs = {}
+    for name, overrides in (("none", []), ("full", FULL), ("selective", SELECTIVE)):
+        out = tmp_path / f"{name}.json"
+        torchrun(WORKER, out, tmp_path / name, "reference", "model=tiny_large", "parallel=cp2", *overrides, nproc=2)
+        runs[name] = json.loads(out.read_text())
+    for name in ("full", "selective"):
+        assert runs[name]["recompute"][0] == name
+        assert runs[name]["train_losses"] == pytest.approx(runs["none"]["train_losses"], rel=1e-6, abs=1e-6), name
+        assert [s["grad_norm"] for s in runs[name]["steps"]] == pytest.approx(
+            [s["grad_norm"] for s in runs["none"]["steps"]], rel=1e-6), name
