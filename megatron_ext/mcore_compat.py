@@ -31,6 +31,7 @@ input batch-major (``models.mamba_static_decode``).
 from __future__ import annotations
 
 import contextlib
+import functools
 from importlib import metadata
 
 import torch
@@ -146,13 +147,18 @@ def async_save_kwargs() -> dict:
 def batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
     """megatron-core's ``get_batch_on_this_cp_rank`` (every [b, s, ...] tensor cut to this CP rank's two
     load-balanced chunks), in either release's signature; per-sample entries ([b]) pass through."""
+    sequences = {k: v for k, v in batch.items() if torch.is_tensor(v) and v.dim() >= 2}
+    return {**batch, **_cp_batch_cutter()(sequences, cp_group=cp_group)}
+
+
+@functools.cache
+def _cp_batch_cutter():
+    """``get_batch_on_this_cp_rank`` with the release's extra arguments bound (decided once: it runs
+    for every micro-batch)."""
     import inspect
 
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    sequences = {k: v for k, v in batch.items() if torch.is_tensor(v) and v.dim() >= 2}
     if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
-        cut = get_batch_on_this_cp_rank(sequences, is_hybrid_cp=False, cp_group=cp_group)
-    else:
-        cut = get_batch_on_this_cp_rank(sequences, cp_group=cp_group)
-    return {**batch, **cut}
+        return functools.partial(get_batch_on_this_cp_rank, is_hybrid_cp=False)
+    return get_batch_on_this_cp_rank

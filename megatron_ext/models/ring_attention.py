@@ -137,31 +137,35 @@ class _Ring:
                dist.P2POp(dist.irecv, received, self.prev, self.group)]
         return received, dist.batch_isend_irecv(ops)
 
+    def blocks(self, step: int, c: int) -> tuple[slice, slice, bool]:
+        """(query rows, key rows, causal) of ``step``, which holds the K/V of rank ``(rank - step) mod
+        size`` (the module docstring's three cases)."""
+        everything = slice(None)
+        if step == 0:
+            return everything, everything, True
+        if (self.rank - step) % self.size < self.rank:
+            return everything, slice(0, c), False
+        return slice(c, None), everything, False
+
 
 def _wait(handles: list) -> None:
     for handle in handles:
         handle.wait()
 
 
-def _expand(kv: Tensor, heads: int) -> Tensor:
-    """[b, groups, s, d] -> [b, heads, s, d] (query head j reads group j // (heads / groups))."""
-    return kv if kv.size(1) == heads else kv.repeat_interleave(heads // kv.size(1), dim=1)
+def _expand(kv: Tensor, cols: slice, heads: int) -> tuple[Tensor, Tensor]:
+    """K and V rows ``cols`` of a stacked [2, b, groups, s, d] K/V, as [b, heads, rows, d] each
+    (query head j reads group j // (heads / groups))."""
+    k, v = kv[0][:, :, cols], kv[1][:, :, cols]
+    if k.size(1) == heads:
+        return k, v
+    return k.repeat_interleave(heads // k.size(1), dim=1), v.repeat_interleave(heads // v.size(1), dim=1)
 
 
 def _reduce_groups(grad: Tensor, groups: int) -> Tensor:
     """Sum the expanded heads' gradients back onto their K/V group."""
     b, heads, s, d = grad.shape
     return grad if heads == groups else grad.view(b, groups, heads // groups, s, d).sum(2)
-
-
-def _step_blocks(step: int, src: int, rank: int, c: int) -> tuple[slice, slice, bool]:
-    """(query rows, key rows, causal) of step ``step``, which holds rank ``src``'s K/V (docstring)."""
-    everything = slice(None)
-    if step == 0:
-        return everything, everything, True
-    if src < rank:
-        return everything, slice(0, c), False
-    return slice(c, None), everything, False
 
 
 class _RingAttention(torch.autograd.Function):
@@ -176,9 +180,8 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])
         for step in range(ring.size):
             pending = ring.hop(kv) if step < ring.size - 1 else None
-            rows, cols, causal = _step_blocks(step, (ring.rank - step) % ring.size, ring.rank, c)
-            o, l = _block_forward(q[:, :, rows], _expand(kv[0][:, :, cols], heads),
-                                  _expand(kv[1][:, :, cols], heads), causal, scale)
+            rows, cols, causal = ring.blocks(step, c)
+            o, l = _block_forward(q[:, :, rows], *_expand(kv, cols, heads), causal, scale)
             merged = torch.logaddexp(lse[:, :, rows], l)
             out[:, :, rows] = (out[:, :, rows] * (lse[:, :, rows] - merged).exp().unsqueeze(-1)
                                + o.to(acc) * (l - merged).exp().unsqueeze(-1))
@@ -204,10 +207,9 @@ class _RingAttention(torch.autograd.Function):
         incoming = None   # the previous rank's dK / dV of the next step's K/V, in flight
         for step in range(ring.size):
             pending = ring.hop(kv) if step < ring.size - 1 else None
-            rows, cols, causal = _step_blocks(step, (ring.rank - step) % ring.size, ring.rank, c)
-            dq_b, dk_b, dv_b = _block_backward(
-                dout[:, :, rows], q[:, :, rows], _expand(kv[0][:, :, cols], heads),
-                _expand(kv[1][:, :, cols], heads), out[:, :, rows], lse[:, :, rows], causal, ctx.scale)
+            rows, cols, causal = ring.blocks(step, c)
+            dq_b, dk_b, dv_b = _block_backward(dout[:, :, rows], q[:, :, rows], *_expand(kv, cols, heads),
+                                               out[:, :, rows], lse[:, :, rows], causal, ctx.scale)
             dq[:, :, rows] += dq_b
             if incoming is not None:
                 dkv, handles = incoming
@@ -228,8 +230,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group) -> Tens
     """Causal attention of this CP rank's queries over the whole sequence's keys.
 
     ``q`` [b, heads, 2c, d], ``k`` / ``v`` [b, groups, 2c, d] (heads a multiple of groups): the local
-    tokens of chunks ``r`` and ``2CP-1-r`` (megatron-core's ``get_batch_on_this_cp_rank``). Returns [b, heads, 2c, d],
-    the rows of causal attention over the full sequence that belong to these tokens.
+    tokens of chunks ``r`` and ``2CP-1-r`` (megatron-core's ``get_batch_on_this_cp_rank``). Returns
+    [b, heads, 2c, d], the rows of causal attention over the full sequence that belong to these tokens.
     """
     if q.size(2) % 2:
         raise ValueError(f"ring attention needs an even local sequence (two chunks), got {q.size(2)}")

@@ -29,7 +29,7 @@ from megatron_ext.errors import ConfigError
 from megatron_ext.quiet import quiet_known_warnings
 from megatron_ext.stage import StageContext, stage_model_config
 
-BASE = ["pipeline.order=[pretrain]", "model.seq_length=32",
+COMMON = ["pipeline.order=[pretrain]", "model.seq_length=32",
         "stages.pretrain.train.steps=6", "stages.pretrain.train.warmup_steps=2",
         "stages.pretrain.train.global_batch_size=4", "stages.pretrain.train.eval_iters=1",
         "stages.pretrain.train.eval_interval=3", "stages.pretrain.train.save_interval=3",
@@ -126,10 +126,9 @@ def first_step(cfg, scratch: Path, env) -> float:
 
 
 def main(out: str, scratch: str, model: str = "tiny_large", sections: str = f"{TRAIN},model,parallel") -> None:
-    global BASE
     quiet_known_warnings()
-    BASE = [f"model={model}", *BASE]
-    base = load_config(BASE)
+    overrides = [f"model={model}", *COMMON]
+    base = load_config(overrides)
     env = distributed.initialize(base.parallel, int(base.seed))
     results = []
     n = 0
@@ -139,7 +138,7 @@ def main(out: str, scratch: str, model: str = "tiny_large", sections: str = f"{T
                 continue
             record = {"field": field, "value": candidate}
             try:
-                cfg = load_config([*BASE, f"{field}={candidate}"])
+                cfg = load_config([*overrides, f"{field}={candidate}"])
                 validate(cfg)
             except ConfigError as err:
                 record.update(outcome="refused", message=str(err))

@@ -30,13 +30,13 @@ from megatron_ext.quiet import quiet_known_warnings
 SEQ, BATCH, HEADS, GROUPS, DIM = 24, 2, 4, 2, 8
 
 
-def local_rows(t: torch.Tensor, cp_rank: int, cp: int) -> torch.Tensor:
+def local_rows(t: torch.Tensor) -> torch.Tensor:
     """This rank's rows of a [s, ...] tensor, cut by megatron-core's get_batch_on_this_cp_rank."""
     cut = batch_on_this_cp_rank({"t": t.unsqueeze(0)}, parallel_state.get_context_parallel_group())
     return cut["t"].squeeze(0)
 
 
-def compare(module, cp_rank: int, cp: int) -> dict:
+def compare(module) -> dict:
     g = torch.Generator().manual_seed(7)
     q = torch.randn(SEQ, BATCH, HEADS, DIM, generator=g, dtype=torch.float64)
     k = torch.randn(SEQ, BATCH, GROUPS, DIM, generator=g, dtype=torch.float64)
@@ -49,12 +49,12 @@ def compare(module, cp_rank: int, cp: int) -> dict:
     ref = ref.permute(2, 0, 1, 3).reshape(SEQ, BATCH, HEADS * DIM)
     ref.backward(dout)
 
-    local = [local_rows(t, cp_rank, cp).clone().requires_grad_() for t in (q, k, v)]
+    local = [local_rows(t).clone().requires_grad_() for t in (q, k, v)]
     out = module(*local, attention_mask=None)
-    out.backward(local_rows(dout, cp_rank, cp))
-    diffs = {"out": float((out - local_rows(ref.detach(), cp_rank, cp)).abs().max())}
+    out.backward(local_rows(dout))
+    diffs = {"out": float((out - local_rows(ref.detach())).abs().max())}
     for name, mine, theirs in zip("qkv", local, full):
-        diffs[f"d{name}"] = float((mine.grad - local_rows(theirs.grad, cp_rank, cp)).abs().max())
+        diffs[f"d{name}"] = float((mine.grad - local_rows(theirs.grad)).abs().max())
     return diffs
 
 
@@ -63,7 +63,6 @@ def main(out: str) -> None:
     cp = int(os.environ["WORLD_SIZE"])
     distributed.initialize({"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
                             "expert_model_parallel_size": 1, "context_parallel_size": cp}, seed=0)
-    cp_rank = parallel_state.get_context_parallel_rank()
     config = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
                                num_query_groups=GROUPS, kv_channels=DIM, attention_dropout=0.0,
                                context_parallel_size=cp)
@@ -71,7 +70,7 @@ def main(out: str) -> None:
     result = {}
     for kernel in ("flash", "math"):
         os.environ[KERNEL_ENV] = kernel
-        result[kernel] = compare(module, cp_rank, cp)
+        result[kernel] = compare(module)
     gathered = [None] * cp
     dist.all_gather_object(gathered, result)
     if dist.get_rank() == 0:
