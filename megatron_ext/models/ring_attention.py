@@ -85,12 +85,12 @@ def _block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     """dQ, dK, dV of one block, given the *final* output and log-sum-exp of its query rows."""
     kind = _kernel(q)
     if kind == "flash" and q.is_cuda:
-        # dense inputs: the varlen arguments are unused; no dropout, so no RNG state
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        # dense inputs: no cumulative sequence lengths (the forward returns None for them; a tensor,
+        # even an empty one, selects the varlen kernel); no dropout, so no philox seed / offset
         dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.float().contiguous(), empty, empty, q.size(2), k.size(2), 0.0, causal,
-            empty, empty, scale=scale)
+            dout, q, k, v, out, lse.float().contiguous(), None, None, q.size(2), k.size(2), 0.0, causal,
+            None, None, scale=scale)
     if kind == "flash":
         lse = lse.to(torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
