@@ -50,7 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.run_record import (  # noqa: E402
     cuda_seconds, datasheet_bf16_tflops, gpu_record, gpu_result_path, single_rank_env, write_result)
-from megatron_ext.models.turbos_layout import compile_layout  # noqa: E402
+from launch.plan.model_math import (  # noqa: E402,F401  (the FLOP formulas live with the planner)
+    flops_per_token, layer_counts, mamba_dims, matmul_params, ssd_forward_flops)
 
 VOCAB = 32768
 DENSE = ["model=tiny_large", "model.cla_share_factor=1", "model.num_moe_experts=null", "model.moe_router_topk=2",
@@ -80,105 +81,6 @@ HYBRID = ["model=tiny_turbos", "model.hybrid_blocks='(AMF MF*2)*4'", "model.num_
 SHAPES = {"dense": (DENSE, 2), "moe": (MOE, 1), "hybrid": (HYBRID, 1)}   # overrides, one GPU's micro-batch
 SEQ = 4096
 TOKENS_PER_STEP = 128 * 1024   # per GPU's worth of work (see the module docstring)
-MAMBA_CONV_WIDTH = 4           # megatron-core 0.16.1 MambaMixer's d_conv (not a config field)
-# TransformerConfig's defaults, for presets that leave the Mamba2 fields out
-MAMBA_DEFAULTS = {"mamba_state_dim": 128, "mamba_head_dim": 64, "mamba_num_groups": 8}
-
-
-def layer_counts(model_cfg: Mapping[str, Any]) -> dict[str, int]:
-    """Layers by kind: ``attention``, ``mamba``, ``mlp`` (dense FFN), ``moe``.
-
-    The GPT family (``hunyuan_moe``) has an attention and an FFN in every layer; the hybrid family counts
-    the symbols of its hybrid pattern (:func:`megatron_ext.models.turbos_layout.compile_layout`, as
-    :func:`megatron_ext.models.turbos_hybrid.layer_pattern` builds it), each symbol one layer.
-    """
-    layers = int(model_cfg["num_layers"])
-    moe = bool(model_cfg.get("num_moe_experts"))
-    if model_cfg.get("family", "hunyuan_moe") != "turbos_hybrid":
-        return {"attention": layers, "mamba": 0, "mlp": 0 if moe else layers, "moe": layers if moe else 0}
-    pattern = compile_layout(model_cfg["hybrid_blocks"], model_cfg["hybrid_block_types"], moe=moe)
-    assert len(pattern) == layers, f"hybrid_blocks compile to {len(pattern)} layers, num_layers={layers}"
-    return {"attention": pattern.count("*"), "mamba": pattern.count("M"), "mlp": pattern.count("-"),
-            "moe": pattern.count("E")}
-
-
-def mamba_dims(model_cfg: Mapping[str, Any]) -> dict[str, int]:
-    """Mamba2 sizes as megatron-core's MambaMixer derives them: H heads of P, G groups, state N, chunk Q."""
-    h = int(model_cfg["hidden_size"])
-    p = int(model_cfg.get("mamba_head_dim") or MAMBA_DEFAULTS["mamba_head_dim"])
-    heads = int(model_cfg.get("mamba_num_heads") or 2 * h // p)   # else d_inner = expand 2 x hidden
-    return {"H": heads, "P": p, "d_inner": heads * p,
-            "G": int(model_cfg.get("mamba_num_groups") or MAMBA_DEFAULTS["mamba_num_groups"]),
-            "N": int(model_cfg.get("mamba_state_dim") or MAMBA_DEFAULTS["mamba_state_dim"]),
-            "Q": int(model_cfg.get("mamba_chunk_size") or 128)}
-
-
-def ssd_forward_flops(model_cfg: Mapping[str, Any]) -> float:
-    """Forward FLOPs per token of one Mamba2 layer's chunked SSD scan (Mamba-2, arXiv 2405.21060,
-    Sec. 6: the four steps of the SSD algorithm with chunk length Q; H heads of dim P, G groups of B/C
-    with state N; a multiply-add is 2 FLOPs):
-
-    1. intra-chunk (diagonal blocks): C B^T inside the chunk (Q x Q x N per group) and its masked
-       product with X (Q x Q x P per head), halved by the causal mask as for attention:
-       Q x (G x N + H x P) per token;
-    2. chunk states B^T X: 2 x N x P x H per token;
-    3. state passing between chunks: 2 x N x P x H / Q per token;
-    4. state to output, C h: 2 x N x P x H per token.
-
-    The decay exponentials, dt softplus, D skip and gating are elementwise and not counted.
-    """
-    d = mamba_dims(model_cfg)
-    q, n, p, heads, g = d["Q"], d["N"], d["P"], d["H"], d["G"]
-    return q * (g * n + heads * p) + 4 * n * p * heads + 2 * n * p * heads / q
-
-
-def matmul_params(model_cfg: Mapping[str, Any], vocab: int) -> dict[str, int]:
-    """Matmul weights one token passes through, per layer kind (routed experts counted top-k times)."""
-    h = int(model_cfg["hidden_size"])
-    heads = int(model_cfg["num_attention_heads"])
-    groups = int(model_cfg.get("num_query_groups") or heads)
-    d = int(model_cfg.get("kv_channels") or h // heads)
-    out = {"attention": h * heads * d * 2 + h * groups * d * 2,              # q, o and k, v projections
-           "mlp": 3 * h * int(model_cfg.get("ffn_hidden_size") or 0),        # SwiGLU
-           "output": h * vocab}
-    if model_cfg.get("num_moe_experts"):
-        experts, topk = int(model_cfg["num_moe_experts"]), int(model_cfg["moe_router_topk"])
-        out["moe"] = (h * experts                                            # router
-                      + 3 * h * int(model_cfg["moe_ffn_hidden_size"]) * topk  # SwiGLU routed experts
-                      + 3 * h * int(model_cfg.get("moe_shared_expert_intermediate_size") or 0))
-    else:
-        out["moe"] = 0
-    if model_cfg.get("family") == "turbos_hybrid":
-        m = mamba_dims(model_cfg)
-        xbc = m["d_inner"] + 2 * m["G"] * m["N"]                             # conv channels: x, B, C
-        out["mamba"] = (h * (m["d_inner"] + xbc + m["H"])                    # in_proj: z, x B C, dt
-                        + m["d_inner"] * h                                   # out_proj
-                        + xbc * MAMBA_CONV_WIDTH)                            # depthwise causal conv
-    else:
-        out["mamba"] = 0
-    return out
-
-
-def flops_per_token(model_cfg: Mapping[str, Any], seq: int, vocab: int) -> float:
-    """Training FLOPs per token: 6 x the matmul parameters a token passes through (forward 2, backward
-    4; routed experts counted top-k times, the embedding lookup not at all; :func:`matmul_params`),
-    plus per attention layer 6 x seq x heads x head_dim (QK^T and AV are 2 x seq x head_dim each per
-    head, halved by the causal mask, times 3 for the backward), plus per Mamba2 layer 3 x the SSD
-    scan's forward matmul FLOPs (:func:`ssd_forward_flops`; the backward taken as 2 x forward, as for
-    the matmuls). A Mamba2 layer's matmul weights are in_proj (hidden -> z, x, B, C, dt: 2 d_inner +
-    2 G N + H), out_proj (d_inner -> hidden) and the depthwise conv (4 taps on d_inner + 2 G N
-    channels). Layer kinds are counted by :func:`layer_counts`.
-    """
-    counts, params = layer_counts(model_cfg), matmul_params(model_cfg, vocab)
-    heads = int(model_cfg["num_attention_heads"])
-    d = int(model_cfg.get("kv_channels") or int(model_cfg["hidden_size"]) // heads)
-    per_token = sum(counts[kind] * params[kind] for kind in ("attention", "mamba", "mlp", "moe")) + params["output"]
-    flops = 6 * per_token + 6 * counts["attention"] * seq * heads * d
-    if counts["mamba"]:
-        flops += 3 * counts["mamba"] * ssd_forward_flops(model_cfg)
-    return flops
-
-
 # CUDA kernel classes for --profile, by name: the first rule whose pattern matches (case-insensitive)
 # wins, so the order resolves overlaps (cuDNN's SDPA kernels are wgmma kernels too, mamba_ssm's
 # _bmm_chunk kernels are matmuls, grouped GEMMs are cutlass kernels, an at::native elementwise kernel

@@ -48,6 +48,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     try:
         validate(cfg)
+        from launch.plan.check import check_memory
+
+        check_memory(cfg)
         launch(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr, flush=True)
@@ -76,13 +79,14 @@ def _report(args: list[str]) -> int:
 
 
 def main() -> None:
-    """Console entry point: ``report`` is a subcommand; ``--dry-run`` becomes ``dry_run=true``;
+    """Console entry point: ``report`` is a subcommand; ``--dry-run`` becomes ``dry_run=true`` and
+    ``--force`` (submit even when the planner predicts a stage over the GPU's memory) ``force=true``;
     everything else goes to Hydra."""
     args = sys.argv[1:]
     if args and args[0] == "report":
         sys.exit(_report(args[1:]))
-    if "--dry-run" in args:
-        sys.argv = [sys.argv[0]] + [a for a in args if a != "--dry-run"] + ["dry_run=true"]
+    flags = {"--dry-run": "dry_run=true", "--force": "force=true"}
+    sys.argv = [sys.argv[0]] + [a for a in args if a not in flags] + [flags[a] for a in flags if a in args]
     _hydra_main()
 
 

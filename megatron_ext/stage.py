@@ -17,8 +17,10 @@ if TYPE_CHECKING:  # the launcher validates configs with this module without imp
     from megatron_ext.distributed import DistEnv
 
 # Model fields a stage may change for itself: none of them changes a parameter's shape, so the
-# stage still loads its parent's checkpoint (long-context extension, SFT dropout).
-STAGE_MODEL_OVERRIDES = ("seq_length", "rotary_base", "hidden_dropout", "attention_dropout")
+# stage still loads its parent's checkpoint (long-context extension, SFT dropout, recomputation for
+# long sequences).
+STAGE_MODEL_OVERRIDES = ("seq_length", "rotary_base", "hidden_dropout", "attention_dropout",
+                         "recompute_granularity", "recompute_method", "recompute_num_layers")
 
 
 def stage_model_config(cfg, name: str):

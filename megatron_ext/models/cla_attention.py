@@ -498,7 +498,8 @@ class _CLAForward:
         if key is not None:  # producer
             if ctx is not None:
                 key, value = self._cache_kv(ctx, key, value, start)
-            self.kv_store.put(self.cla_group, key, value)
+            if self.cla_share_factor > 1:   # consumers take it; with none, holding it would keep every
+                self.kv_store.put(self.cla_group, key, value)   # layer's K/V alive after the step
         else:
             key, value = self.kv_store.take(
                 self.cla_group, release=self.kv_store.is_last_in_group(self.layer_number)

@@ -201,6 +201,7 @@ def check_forward_and_grads(config, result):
     result["grads_vs_reference_rel"] = max(
         max_diff(grads[k], Wref[k].grad) / Wref[k].grad.abs().max().clamp_min(1e-6).item() for k in grads)
     result["grad_names_checked"] = len(grads)
+    result["cla2_store_entries_after_step"] = len(kv_store_of(model)._kv)   # every group released
     # The consumers' loss reaches the producer's K/V weights only through the hand-off.
     result["logits_scale"] = logits.abs().max().item()
 
@@ -239,6 +240,10 @@ def check_forward_and_grads(config, result):
     return model
 
 
+def kv_store_of(model):
+    return next(m.kv_store for m in model.modules() if hasattr(m, "kv_store"))
+
+
 def check_share1_equals_megatron(config, result):
     """cla_share_factor=1, megatron's norm order: same state-dict keys and logits as SelfAttention."""
     plain = build_plain(config)
@@ -250,6 +255,9 @@ def check_share1_equals_megatron(config, result):
     with torch.no_grad():
         result["share1_vs_megatron_logits"] = max_diff(logits_of(cla1, tokens), logits_of(plain, tokens))
     result["share1_state_dict_strict"] = not missing.missing_keys and not missing.unexpected_keys
+    cla1.train()
+    logits_of(cla1, tokens).sum().backward()
+    result["share1_store_entries_after_step"] = len(kv_store_of(cla1)._kv)   # no consumer: nothing held
     return plain
 
 
