@@ -84,3 +84,31 @@ def test_parallel_layouts_divide_what_they_shard():
     last = memory.stage_memory(model, 128512, Layout(pp=4), 4096, 8, 3)
     assert last.activations == pytest.approx(one.activations / 4, rel=0.01)
     assert "logits" in last.transient and "logits" not in pp.transient
+
+
+WORKER = Path(__file__).resolve().parent / "rank_memory_worker.py"
+
+
+@pytest.mark.parametrize("parallel,nproc", [("tp2_ep2", 4), ("pp2", 2)])
+def test_per_rank_parameters_gradients_and_optimizer_shard_match_real_layouts(parallel, nproc, torchrun,
+                                                                              tmp_path):
+    """Multi-process CPU layouts (where what a rank holds can be counted exactly): each rank's dense and
+    routed-expert parameters are the model's (TP x PP x EP split, embedding on the first stage, output
+    layer on the last), its gradient buffers hold them (plus megatron-core's bucket padding), and its
+    distributed-optimizer shard is its parameters over the data-parallel ranks (experts: over the
+    expert-data-parallel ranks)."""
+    torchrun(WORKER, tmp_path, parallel, nproc=nproc, timeout=300)
+    cfg = load_config(["model=tiny_large", f"parallel={parallel}"])
+    p = cfg.parallel
+    for path in sorted(tmp_path.glob("rank*.json")):
+        rank = json.loads(path.read_text())
+        layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                        ep=p.expert_model_parallel_size, dp=rank["dp"])
+        predicted = memory.stage_params(cfg.model, rank["vocab"], layout, rank["pp_rank"])
+        assert rank["expert_params"] == predicted["expert"]
+        # norms, QK norms and the router are whole on every TP rank; the rest is split
+        assert rank["dense_params"] == predicted["dense"]
+        own = rank["dense_params"] + rank["expert_params"]
+        assert own <= rank["grad_buffer"] <= own * 1.05
+        shard = predicted["dense"] / (layout.dp * layout.cp) + predicted["expert"] / max(1, layout.dp // layout.ep)
+        assert rank["optimizer_shard"] == pytest.approx(shard, rel=0.05)
