@@ -25,8 +25,8 @@ def planned(cfg: DictConfig) -> tuple[list, dict]:
     from megatron_ext.stage import stage_model_config
 
     if cfg.plan_stage not in cfg.stages:
-        raise ConfigError(f"stage={cfg.plan_stage!r} is not a stage of pipeline {cfg.pipeline.name!r}: "
-                          f"choose one of {sorted(cfg.stages)}")
+        raise ConfigError(f"plan_stage={cfg.plan_stage!r} is not a stage of pipeline {cfg.pipeline.name!r}: "
+                          f"choose one of {sorted(cfg.stages)} or all")
     model = OmegaConf.to_container(stage_model_config(cfg, cfg.plan_stage), resolve=True)
     train = cfg.stages[cfg.plan_stage].train
     seq, gbs = int(model["seq_length"]), int(train.global_batch_size)
@@ -66,14 +66,12 @@ def stage_specs(cfg: DictConfig) -> list:
 
 
 def pipeline_table(plans: list, header: dict, top: int) -> str:
-    names = [p.layout for p in plans[0].stages] if plans else []
     stages = header["stages"]
     lines = [f"{header['gpus']} x {header['gpu']} ({header['nodes']} nodes), pipeline {header['pipeline']}: "
              f"one parallel layout for {len(stages)} stages ({', '.join(stages)}); {header['fitting']} of "
              f"{header['layouts']} layouts fit every stage in {header['usable_gib_per_gpu']:.0f} GiB per GPU",
              f"{'layout':<22}{'fits':>5}" + "".join(f"{s[:18]:>24}" for s in stages) + f"{'days':>8}{'GPU-h':>10}",
              f"{'':<27}" + "".join(f"{'GiB / tok/s / days':>24}" for _ in stages)]
-    del names
     for p in plans[:top]:
         cells = "".join(f"{s.memory.total / 2**30:>8.0f}{s.tokens_per_s:>9.3g}{s.days:>7.1f}" for s in p.stages)
         lines.append(f"{p.name():<22}{'yes' if p.fits else 'no':>5}{cells}{p.days:>8.1f}{p.gpu_hours:>10.3g}")

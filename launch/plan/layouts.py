@@ -15,10 +15,9 @@ from typing import Any
 
 from launch.plan.cost import StepTime, step_time
 from launch.plan.memory import GIB, Layout, StageMemory, peak_memory
+from launch.plan.model_math import flops_per_token, freeze
 from launch.validation import validate_parallel, validate_stage_sequence
 from megatron_ext.errors import ConfigError
-
-GIB_PER_GB = 1e9 / GIB
 
 
 @dataclass
@@ -48,7 +47,7 @@ def _divisors(n: int, limit: int | None = None) -> list[int]:
 
 
 def candidate_layouts(model: Mapping[str, Any], world: int, gpus_per_node: int, seq: int, global_batch: int,
-                      micro_batches=(1, 2, 4), recompute=("none", "selective", "full"),
+                      micro_batches=(1, 2, 4), recompute=("none", "full"),
                       max_pp: int = 16, max_cp: int = 16, min_cp_tokens: int = 4096) -> Iterator[Layout]:
     """Layouts validation accepts: TP within a node, PP / VPP dividing the layers, CP splitting the
     sequence, EP dividing the experts and DP x CP, the global batch a multiple of micro-batch x DP.
@@ -91,8 +90,6 @@ def evaluate(model: Mapping[str, Any], vocab: int, layout: Layout, seq: int, glo
     memory = peak_memory(model, vocab, layout, seq, global_batch)
     time = step_time(model, vocab, layout, seq, global_batch, gpu)
     tokens_per_s = global_batch * seq / time.total
-    from launch.plan.model_math import flops_per_token
-
     mfu = flops_per_token(model, seq, vocab) * tokens_per_s / (layout.world * float(gpu["datasheet_bf16_tflops"]) * 1e12)
     seconds = tokens / tokens_per_s
     return Plan(layout, memory, time, memory.total <= usable_bytes(gpu), tokens_per_s, mfu, seconds / 86400,
@@ -102,6 +99,7 @@ def evaluate(model: Mapping[str, Any], vocab: int, layout: Layout, seq: int, glo
 def plan(model: Mapping[str, Any], vocab: int, world: int, gpu: Mapping[str, Any], seq: int, global_batch: int,
          tokens: float, **limits) -> list[Plan]:
     """Every candidate layout evaluated: fitting ones fastest first, then the rest smallest first."""
+    model = freeze(model)
     plans = [evaluate(model, vocab, layout, seq, global_batch, gpu, tokens)
              for layout in candidate_layouts(model, world, int(gpu["gpus_per_node"]), seq, global_batch, **limits)]
     return sorted(plans, key=lambda p: (not p.fits, -p.tokens_per_s if p.fits else p.memory.total))
