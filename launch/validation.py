@@ -92,9 +92,10 @@ def validate_parallel(model: Mapping, parallel: Mapping) -> dict[str, int]:
         if model.get("family") != "hunyuan_moe":
             raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size: not supported for "
                               f"model.family={model.get('family')!r}; set it to null")
-    from megatron_ext.models import tp_comm_overlap
+    if parallel.get("tp_comm_overlap"):   # only a forced overlap can be refused (None / False: nothing to
+        from megatron_ext.models import tp_comm_overlap   # check, and no torch import for the planner)
 
-    tp_comm_overlap.wanted(parallel.get("tp_comm_overlap"), tp > 1 and bool(parallel.get("sequence_parallel")))
+        tp_comm_overlap.wanted(parallel.get("tp_comm_overlap"), tp > 1 and bool(parallel.get("sequence_parallel")))
     cp = parallel.get("context_parallel_size")
     cp = 1 if cp is None else _positive_int(cp, "parallel.context_parallel_size")
     world = nproc * nnodes
