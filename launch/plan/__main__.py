@@ -6,7 +6,8 @@ per GPU (``weights`` bf16, ``grads`` fp32 buffers, ``optim`` fp32 main weights +
 distributed optimizer's sharding, ``act`` activations of the micro-batches in flight, ``tmp`` the
 largest one-off buffer); ``step`` the predicted optimizer step (compute + pipeline bubble + the
 communication not hidden); tokens/s for the whole cluster; MFU against the datasheet peak; days and
-GPU-hours for the token budget. Layouts that do not fit come last, marked ``no``.
+GPU-hours for the token budget. Layouts that do not fit come last, marked ``no``. ``--json`` (or
+``json=true``) prints every layout with its whole breakdown, for scripts.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def planned(cfg: DictConfig) -> tuple[list, dict]:
         raise ConfigError("model.vocab_size is not set: the planner needs the tokenizer's size")
     world = int(cfg.nodes) * int(gpu["gpus_per_node"])
     plans = plan(model, vocab, world, gpu, seq, gbs, tokens, micro_batches=tuple(cfg.micro_batches),
-                 recompute=tuple(cfg.recompute), max_pp=int(cfg.max_pp), max_cp=int(cfg.max_cp),
+                 recompute=tuple(cfg.recompute), distributed_optimizer=tuple(cfg.distributed_optimizer),
+                 max_pp=int(cfg.max_pp), max_cp=int(cfg.max_cp),
                  min_cp_tokens=int(cfg.min_cp_tokens))
     header = {"model": cfg.model.get("family"), "gpu": gpu["name"], "nodes": int(cfg.nodes), "gpus": world,
               "stage": cfg.plan_stage, "seq_length": seq, "global_batch": gbs, "tokens": tokens,
@@ -131,5 +133,12 @@ def _main(cfg: DictConfig) -> None:
         print((pipeline_table if whole else table)(plans, header, int(cfg.top)))
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``--json`` is ``json=true`` (as ``python -m launch``'s flags); the rest goes to Hydra."""
+    if "--json" in sys.argv[1:]:
+        sys.argv = [a for a in sys.argv if a != "--json"] + ["json=true"]
     _main()
+
+
+if __name__ == "__main__":
+    main()

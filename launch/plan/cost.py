@@ -126,11 +126,14 @@ def step_time(model_cfg: Mapping[str, Any], vocab: int, layout: Layout, seq: int
         dp = 0.0
         dense_group = layout.dp * layout.cp
         span = layout.tp * layout.cp * layout.dp
+        # distributed optimizer: fp32 gradients reduce-scattered, bf16 weights all-gathered; without it
+        # the fp32 gradients are all-reduced (twice a reduce-scatter's traffic)
+        per_param = FP32 + BF16 if layout.distributed_optimizer else 2 * FP32
         if dense_group > 1:
-            dp += params["dense"] * (FP32 + BF16) * (dense_group - 1) / dense_group / _bandwidth(gpu, span)
+            dp += params["dense"] * per_param * (dense_group - 1) / dense_group / _bandwidth(gpu, span)
         expert_group = dense_group // layout.ep
         if expert_group > 1:
-            dp += params["expert"] * (FP32 + BF16) * (expert_group - 1) / expert_group / _bandwidth(gpu, span)
+            dp += params["expert"] * per_param * (expert_group - 1) / expert_group / _bandwidth(gpu, span)
         bubble = compute * (layout.pp - 1) / (m * (layout.vpp or 1))
         t = StepTime(compute, bubble, tp, ep, cp, pp, dp)
         if worst is None or t.total > worst.total:

@@ -47,7 +47,7 @@ def _divisors(n: int, limit: int | None = None) -> list[int]:
 
 
 def candidate_layouts(model: Mapping[str, Any], world: int, gpus_per_node: int, seq: int, global_batch: int,
-                      micro_batches=(1, 2, 4), recompute=("none", "full"),
+                      micro_batches=(1, 2, 4), recompute=("none", "full"), distributed_optimizer=(True,),
                       max_pp: int = 16, max_cp: int = 16, min_cp_tokens: int = 4096) -> Iterator[Layout]:
     """Layouts validation accepts: TP within a node, PP / VPP dividing the layers, CP splitting the
     sequence, EP dividing the experts and DP x CP, the global batch a multiple of micro-batch x DP.
@@ -81,8 +81,9 @@ def candidate_layouts(model: Mapping[str, Any], world: int, gpus_per_node: int, 
                             if vpp and (global_batch // (mb * dp)) % pp:
                                 continue   # interleaving needs micro-batches in multiples of PP
                             for rc in recompute:
-                                yield Layout(tp=tp, pp=pp, ep=ep, cp=cp, dp=dp, vpp=vpp, micro_batch=mb,
-                                             recompute=rc)
+                                for dist_opt in distributed_optimizer:
+                                    yield Layout(tp=tp, pp=pp, ep=ep, cp=cp, dp=dp, vpp=vpp, micro_batch=mb,
+                                                 recompute=rc, distributed_optimizer=dist_opt)
 
 
 def evaluate(model: Mapping[str, Any], vocab: int, layout: Layout, seq: int, global_batch: int,

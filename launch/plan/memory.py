@@ -58,7 +58,8 @@ class Layout:
     def name(self) -> str:
         vpp = f" VPP{self.vpp}" if self.vpp else ""
         return (f"TP{self.tp} PP{self.pp}{vpp} CP{self.cp} EP{self.ep} DP{self.dp} mb{self.micro_batch}"
-                f"{'' if self.recompute == 'none' else ' ' + self.recompute}")
+                f"{'' if self.recompute == 'none' else ' ' + self.recompute}"
+                f"{'' if self.distributed_optimizer else ' no-dist-opt'}")
 
 
 def stage_layers(model_cfg: Mapping[str, Any], pp: int, vpp: int | None = None) -> list[list[tuple[str, ...]]]:
