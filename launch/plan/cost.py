@@ -118,7 +118,7 @@ def step_time(model_cfg: Mapping[str, Any], vocab: int, layout: Layout, seq: int
             kv_bytes = 2 * a["kv"] * tokens * BF16 / layout.tp
             ring = 3 * (layout.cp - 1) * kv_bytes / _bandwidth(gpu, layout.tp * layout.cp)   # K/V out, K/V + dK/dV back
             core = tokens * model_math.attention_core_flops(model_cfg, seq) / layout.tp / (float(eff["dense"]) * peak)
-            cp = m * attention_n * max(0.0, ring - core / layout.cp)
+            cp = m * attention_n * max(0.0, ring - core * (layout.cp - 1) / layout.cp)   # hops beside their blocks
         pp = 0.0
         if layout.pp > 1:
             pp = 2 * m * collective / layout.tp / _bandwidth(gpu, layout.world)   # one send each way

@@ -60,3 +60,14 @@ def test_communication_terms_follow_the_layout():
     assert big.bubble_s == pytest.approx(big.compute_s * 3 / 16)
     vpp = cost.step_time(model, 128512, Layout(tp=8, pp=4, vpp=2, ep=2, dp=4, micro_batch=1), 4096, 64, spec)
     assert vpp.bubble_s == pytest.approx(vpp.compute_s * 3 / 32)
+
+
+def test_context_parallel_ring_is_hidden_behind_long_attention_blocks():
+    """The ring's K/V hops overlap the attention blocks they feed: hidden at 256K and 32K tokens (a block's
+    compute grows with the square of the chunk, its K/V linearly), exposed at 8K over 8 ranks."""
+    model = load_config(["model=hunyuan_large"]).model
+    layout = Layout(tp=8, pp=8, ep=2, cp=8, dp=2, micro_batch=1, recompute="full")
+    spec = gpu("h200")
+    for seq in (262144, 32768):
+        assert cost.step_time(model, 128512, layout, seq, 32, spec).cp_s == 0
+    assert cost.step_time(model, 128512, layout, 8192, 32, spec).cp_s > 0
