@@ -197,8 +197,8 @@ def test_moved_run_folder_skips_its_finished_stages_and_resumes_the_unfinished_o
     """Clusters purge scratch, so runs get copied to project storage: the copy, run with its new
     run_dir, is the same run. Nothing in it names the old folder."""
     scratch, project = tmp_path / "scratch" / "run", tmp_path / "project" / "run"
-    two = ["pipeline.order=[pretrain,anneal]", "stages.anneal.train.steps=40", "stages.anneal.train.save_interval=5",
-           "stages.anneal.train.eval_interval=20"]
+    two = ["pipeline.order=[pretrain,anneal]", "stages.anneal.train.steps=20", "stages.anneal.train.save_interval=5",
+           "stages.anneal.train.eval_interval=10"]
     proc = launch(scratch, *two, start_new_session=True)
     latest = scratch / "02_anneal" / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
@@ -209,7 +209,7 @@ def test_moved_run_folder_skips_its_finished_stages_and_resumes_the_unfinished_o
     os.killpg(proc.pid, signal.SIGKILL)  # the runner, torchrun and the worker
     proc.wait()
     saved = int(latest.read_text().strip().split("_")[-1])
-    assert manifest(scratch, "02_anneal")["status"] == "running" and saved < 40
+    assert manifest(scratch, "02_anneal")["status"] == "running" and saved < 20
     pretrain_files = [f"01_pretrain/{name}" for name in ("manifest.json", "logs/worker.log", "config.yaml")]
     before = {f: (scratch / f).read_bytes() for f in [*pretrain_files, "data/data_manifest.json"]}
 
@@ -223,11 +223,11 @@ def test_moved_run_folder_skips_its_finished_stages_and_resumes_the_unfinished_o
     assert "02_anneal: unfinished, resuming" in again.stdout
     assert f"resuming from {project / '02_anneal' / 'checkpoints' / f'iter_{saved:07d}'}" in again.stdout
     pre, ann = manifest(project, "01_pretrain"), manifest(project, "02_anneal")
-    assert ann["status"] == "complete" and ann["steps"] == 40
+    assert ann["status"] == "complete" and ann["steps"] == 20
     assert [a["resumed_from_step"] for a in ann["attempts"]] == [None, saved]
     assert ann["parent_checkpoint"] == f"01_pretrain/{pre['checkpoint']}"
     steps = [r["step"] for r in read_metrics(project / "02_anneal" / "metrics" / "metrics.jsonl")]
-    assert steps == list(range(1, 41))
+    assert steps == list(range(1, 21))
 
     assert files_naming(project, str(scratch)) == []
 
@@ -237,7 +237,7 @@ def test_moved_run_folder_skips_its_finished_stages_and_resumes_the_unfinished_o
     done = {f: (archive / f).read_bytes() for f in ("01_pretrain/manifest.json", "02_anneal/manifest.json")}
     third = launch(archive, *two)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert "02_anneal: complete (40 steps), skipping" in third.stdout
+    assert "02_anneal: complete (20 steps), skipping" in third.stdout
     assert all((archive / f).read_bytes() == content for f, content in done.items())
     # while a config that really changed is still refused
     changed = launch(archive, *two, "stages.anneal.train.lr=0.002")
