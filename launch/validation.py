@@ -153,6 +153,22 @@ def _validate_context_parallel(model: Mapping, tp: int, cp: int) -> None:
         )
 
 
+def validate_recompute(model: Mapping, prefix: str) -> None:
+    """Recomputation a stage's model can build with: full recomputation in CLA models must replay whole
+    CLA groups (uniform units of a multiple of cla_share_factor layers), or the build refuses it after
+    the job has started (``megatron_ext.models.cla_attention.validate_cla_config``)."""
+    share = int(model.get("cla_share_factor") or 1)
+    if share == 1 or model.get("recompute_granularity") != "full":
+        return
+    method, unit = model.get("recompute_method"), model.get("recompute_num_layers")
+    if method != "uniform" or not unit or int(unit) % share:
+        raise ConfigError(
+            f"{prefix}: full recomputation with recompute_method={method!r}, recompute_num_layers={unit} "
+            f"and cla_share_factor={share}: each recomputed unit must hold whole CLA groups; use "
+            f"recompute_method=uniform with recompute_num_layers a multiple of {share}"
+        )
+
+
 def validate_stage_sequence(model: Mapping, parallel: Mapping, prefix: str) -> None:
     """Context parallelism cuts every sequence into 2 x CP chunks, and sequence parallelism each
     rank's tokens over TP: the stage's sequence length must split evenly."""
@@ -536,6 +552,7 @@ def validate(cfg: Mapping) -> dict[str, int]:
                        cfg["parallel"].get("virtual_pipeline_model_parallel_size"))
         seq = _positive_int(model["seq_length"], f"stages.{name}.model_overrides.seq_length")
         validate_stage_sequence(model, parallel, f"stages.{name}.model_overrides")
+        validate_recompute(model, f"stages.{name} (model + model_overrides)")
         batch_tokens = int(st["train"]["global_batch_size"]) * seq
         expert_lr_scale(st["train"].get("expert_lr"), model, batch_tokens, field=f"stages.{name}.train.expert_lr")
     return sizes

@@ -301,3 +301,12 @@ def test_warmup_must_leave_a_step_for_the_schedule():
         schedule(steps, warmup)
     with pytest.raises(AssertionError):      # the edge it refuses
         schedule(1, 1)
+
+
+def test_full_recompute_must_replay_whole_cla_groups():
+    """A recompute unit that splits a CLA group would be refused by the model build, after submission
+    (the long-context stage presets recompute 2 layers at a time for Hunyuan-Large's groups of 2)."""
+    check(["model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=1"],
+          "stages.pretrain", "recompute_num_layers=1", "cla_share_factor=2", "multiple of 2")
+    check(["model.recompute_granularity=full", "model.recompute_method=block", "model.recompute_num_layers=2"],
+          "recompute_method='block'", "whole CLA groups")
