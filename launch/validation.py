@@ -20,8 +20,9 @@ from megatron_ext.stage import stage_model_config, stage_parallel_config
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def divisors(n: int, limit: int | None = None) -> list[int]:
+    """Divisors of ``n`` (up to ``limit``): the sizes a parallel dimension can take."""
+    return [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
 
 
 def _positive_int(value: Any, field: str) -> int:
@@ -60,7 +61,7 @@ def _optional_positive_int(model: Mapping, key: str, meaning: str) -> None:
 def _divides(n: int, n_field: str, d: int, d_field: str) -> None:
     if n % d:
         raise ConfigError(
-            f"{n_field}={n} is not divisible by {d_field}={d}: choose {d_field} from {_divisors(n)} "
+            f"{n_field}={n} is not divisible by {d_field}={d}: choose {d_field} from {divisors(n)} "
             f"or change {n_field}"
         )
 
@@ -114,7 +115,7 @@ def validate_parallel(model: Mapping, parallel: Mapping) -> dict[str, int]:
         if (dp * cp) % ep:
             raise ConfigError(
                 f"parallel.expert_model_parallel_size={ep} must divide data-parallel x context-parallel "
-                f"size {dp * cp} (experts are spread over those ranks); choose one of {_divisors(dp * cp)}"
+                f"size {dp * cp} (experts are spread over those ranks); choose one of {divisors(dp * cp)}"
             )
         topk = _positive_int(model.get("moe_router_topk", 2), "model.moe_router_topk")
         if topk > experts:
@@ -141,7 +142,7 @@ def _validate_context_parallel(model: Mapping, tp: int, cp: int) -> None:
         raise ConfigError(
             f"model.mamba_num_heads={heads} is not divisible by tensor x context parallel = {tp} x {cp}: "
             f"Mamba2's context parallelism gives every rank whole heads; choose context_parallel_size from "
-            f"{[d for d in _divisors(heads // tp) if d > 1] if heads % tp == 0 else []} or change the heads"
+            f"{[d for d in divisors(heads // tp) if d > 1] if heads % tp == 0 else []} or change the heads"
         )
     groups = _positive_int(model.get("mamba_num_groups") or 1, "model.mamba_num_groups")
     local = groups // tp if groups % tp == 0 else 0

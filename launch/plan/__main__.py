@@ -22,7 +22,7 @@ from megatron_ext.errors import ConfigError
 
 
 def planned(cfg: DictConfig) -> tuple[list, dict]:
-    from launch.plan.layouts import plan
+    from launch.plan.layouts import plan, usable_gib
     from megatron_ext.stage import stage_model_config
 
     if cfg.plan_stage not in cfg.stages:
@@ -43,7 +43,7 @@ def planned(cfg: DictConfig) -> tuple[list, dict]:
                  min_cp_tokens=int(cfg.min_cp_tokens))
     header = {"model": cfg.model.get("family"), "gpu": gpu["name"], "nodes": int(cfg.nodes), "gpus": world,
               "stage": cfg.plan_stage, "seq_length": seq, "global_batch": gbs, "tokens": tokens,
-              "usable_gib_per_gpu": float(gpu["memory_gib"]) * float(gpu["usable_fraction"]),
+              "usable_gib_per_gpu": usable_gib(gpu),
               "layouts": len(plans), "fitting": sum(p.fits for p in plans)}
     return plans, header
 
@@ -83,7 +83,7 @@ def pipeline_table(plans: list, header: dict, top: int) -> str:
 
 
 def planned_pipeline(cfg: DictConfig) -> tuple[list, dict]:
-    from launch.plan.layouts import plan_pipeline
+    from launch.plan.layouts import plan_pipeline, usable_gib
 
     specs = stage_specs(cfg)
     if not specs:
@@ -96,7 +96,7 @@ def planned_pipeline(cfg: DictConfig) -> tuple[list, dict]:
     plans = plan_pipeline(specs, vocab, world, gpu, max_pp=int(cfg.max_pp))
     header = {"model": cfg.model.get("family"), "gpu": gpu["name"], "nodes": int(cfg.nodes), "gpus": world,
               "pipeline": cfg.pipeline.name, "stages": [s.name for s in specs],
-              "usable_gib_per_gpu": float(gpu["memory_gib"]) * float(gpu["usable_fraction"]),
+              "usable_gib_per_gpu": usable_gib(gpu),
               "layouts": len(plans), "fitting": sum(p.fits for p in plans)}
     return plans, header
 

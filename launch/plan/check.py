@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from launch.config import CONFIG_DIR
+from launch.plan.layouts import usable_gib
 from launch.plan.memory import GIB, Layout, peak_memory
 from megatron_ext.errors import ConfigError
 
@@ -53,7 +54,7 @@ def check_memory(cfg: Mapping[str, Any]) -> None:
     if not name or cfg.get("force"):
         return
     gpu = gpu_spec(str(name))
-    usable = float(gpu["memory_gib"]) * float(gpu["usable_fraction"])
+    usable = usable_gib(gpu)
     for stage in cfg["pipeline"]["order"]:
         st = cfg["stages"][stage]
         if st.get("kind") == "evaluate" or "train" not in st:

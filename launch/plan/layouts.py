@@ -16,7 +16,7 @@ from typing import Any
 from launch.plan.cost import StepTime, step_time
 from launch.plan.memory import GIB, Layout, StageMemory, peak_memory
 from launch.plan.model_math import flops_per_token, freeze
-from launch.validation import validate_parallel, validate_stage_sequence
+from launch.validation import divisors, validate_parallel, validate_stage_sequence
 from megatron_ext.errors import ConfigError
 
 
@@ -38,12 +38,25 @@ class Plan:
                 "gpu_hours": self.gpu_hours}
 
 
-def usable_bytes(gpu: Mapping[str, Any]) -> float:
-    return float(gpu["memory_gib"]) * float(gpu["usable_fraction"]) * GIB
+def usable_gib(gpu: Mapping[str, Any]) -> float:
+    """What a layout's predicted peak may take of the card (launch/conf/gpu: ``usable_fraction``)."""
+    return float(gpu["memory_gib"]) * float(gpu["usable_fraction"])
 
 
-def _divisors(n: int, limit: int | None = None) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
+def _virtual_stages(model: Mapping[str, Any], pp: int) -> list[int | None]:
+    """None, and 2 / 4 virtual stages where they split a pipeline stage's layers (GPT family only)."""
+    if pp < 2 or model.get("family") == "turbos_hybrid":
+        return [None]
+    per_stage = int(model["num_layers"]) // pp
+    return [None] + [v for v in (2, 4) if per_stage % v == 0]
+
+
+def _batch_splits(global_batch: int, micro_batch: int, dp: int, pp: int, vpp: int | None) -> bool:
+    """The global batch splits into micro-batches per data-parallel rank (in multiples of PP when
+    interleaved, which the schedule needs)."""
+    if global_batch % (micro_batch * dp):
+        return False
+    return not vpp or (global_batch // (micro_batch * dp)) % pp == 0
 
 
 def candidate_layouts(model: Mapping[str, Any], world: int, gpus_per_node: int, seq: int, global_batch: int,
@@ -55,10 +68,9 @@ def candidate_layouts(model: Mapping[str, Any], world: int, gpus_per_node: int, 
     ring's per-hop latency and the small attention blocks (not in the cost model) make CP a loss
     against data parallelism."""
     experts = int(model.get("num_moe_experts") or 0)
-    hybrid = model.get("family") == "turbos_hybrid"
-    for tp in _divisors(gpus_per_node):
-        for pp in _divisors(world // tp, max_pp):
-            for cp in _divisors(world // (tp * pp), max_cp):
+    for tp in divisors(gpus_per_node):
+        for pp in divisors(world // tp, max_pp):
+            for cp in divisors(world // (tp * pp), max_cp):
                 if cp > 1 and seq // cp < min_cp_tokens:
                     continue
                 dp = world // (tp * pp * cp)
@@ -70,16 +82,12 @@ def candidate_layouts(model: Mapping[str, Any], world: int, gpus_per_node: int, 
                     validate_stage_sequence({**model, "seq_length": seq}, parallel, "stage")
                 except ConfigError:
                     continue
-                eps = [e for e in _divisors(experts) if (dp * cp) % e == 0] if experts else [1]
-                layers_per_stage = int(model["num_layers"]) // pp
-                vpps = [None] + ([v for v in (2, 4) if layers_per_stage % v == 0] if pp > 1 and not hybrid else [])
+                eps = [e for e in divisors(experts) if (dp * cp) % e == 0] if experts else [1]
                 for ep in eps:
-                    for vpp in vpps:
+                    for vpp in _virtual_stages(model, pp):
                         for mb in micro_batches:
-                            if global_batch % (mb * dp):
+                            if not _batch_splits(global_batch, mb, dp, pp, vpp):
                                 continue
-                            if vpp and (global_batch // (mb * dp)) % pp:
-                                continue   # interleaving needs micro-batches in multiples of PP
                             for rc in recompute:
                                 for dist_opt in distributed_optimizer:
                                     yield Layout(tp=tp, pp=pp, ep=ep, cp=cp, dp=dp, vpp=vpp, micro_batch=mb,
@@ -93,7 +101,7 @@ def evaluate(model: Mapping[str, Any], vocab: int, layout: Layout, seq: int, glo
     tokens_per_s = global_batch * seq / time.total
     mfu = flops_per_token(model, seq, vocab) * tokens_per_s / (layout.world * float(gpu["datasheet_bf16_tflops"]) * 1e12)
     seconds = tokens / tokens_per_s
-    return Plan(layout, memory, time, memory.total <= usable_bytes(gpu), tokens_per_s, mfu, seconds / 86400,
+    return Plan(layout, memory, time, memory.total <= usable_gib(gpu) * GIB, tokens_per_s, mfu, seconds / 86400,
                 seconds / 3600 * layout.world)
 
 
@@ -157,14 +165,11 @@ def plan_pipeline(stages: list[StageSpec], vocab: int, world: int, gpu: Mapping[
 
     first = stages[0].model
     experts = int(first.get("num_moe_experts") or 0)
-    hybrid = first.get("family") == "turbos_hybrid"
     out = []
-    for tp in _divisors(int(gpu["gpus_per_node"])):
-        for pp in _divisors(world // tp, max_pp):
-            per_stage = int(first["num_layers"]) // pp
-            vpps = [None] + ([v for v in (2, 4) if per_stage % v == 0] if pp > 1 and not hybrid else [])
-            for ep in ([e for e in _divisors(experts) if (world // (tp * pp)) % e == 0] if experts else [1]):
-                for vpp in vpps:
+    for tp in divisors(int(gpu["gpus_per_node"])):
+        for pp in divisors(world // tp, max_pp):
+            for ep in ([e for e in divisors(experts) if (world // (tp * pp)) % e == 0] if experts else [1]):
+                for vpp in _virtual_stages(first, pp):
                     plans = []
                     for st in stages:
                         parallel = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
@@ -178,7 +183,7 @@ def plan_pipeline(stages: list[StageSpec], vocab: int, world: int, gpu: Mapping[
                                                    "global_batch_size": st.global_batch}, sizes["dp"], pp)
                         except ConfigError:
                             break
-                        if st.global_batch % (mb * sizes["dp"]) or (vpp and (st.global_batch // (mb * sizes["dp"])) % pp):
+                        if not _batch_splits(st.global_batch, mb, sizes["dp"], pp, vpp):
                             break
                         layout = Layout(tp=tp, pp=pp, ep=ep, cp=st.cp, dp=sizes["dp"], vpp=vpp, micro_batch=mb,
                                         recompute=st.recompute)
