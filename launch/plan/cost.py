@@ -87,7 +87,7 @@ def step_time(model_cfg: Mapping[str, Any], vocab: int, layout: Layout, seq: int
     model_cfg = model_math.freeze(model_cfg)
     eff, peak = gpu["efficiency"], float(gpu["matmul_tflops"]) * 1e12
     host = float(gpu["host_ms_per_part"]) / 1e3
-    m = max(1, global_batch // (layout.micro_batch * layout.dp))
+    m = layout.microbatches(global_batch)
     tokens = layout.micro_batch * seq / layout.cp                      # a micro-batch's tokens on a rank
     h = int(model_cfg["hidden_size"])
     collective = tokens * h * BF16

@@ -51,6 +51,10 @@ class Layout:
     def world(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
 
+    def microbatches(self, global_batch: int) -> int:
+        """Micro-batches each data-parallel rank runs per step."""
+        return max(1, global_batch // (self.micro_batch * self.dp))
+
     @property
     def sequence_parallel(self) -> bool:
         return self.tp > 1
@@ -247,12 +251,7 @@ def stage_memory(model_cfg: Mapping[str, Any], vocab: int, layout: Layout, seq: 
 def peak_memory(model_cfg: Mapping[str, Any], vocab: int, layout: Layout, seq: int,
                 global_batch: int) -> StageMemory:
     """The fullest pipeline stage's memory (the one that runs out first)."""
-    microbatches = max(1, global_batch // (layout.micro_batch * layout.dp))
-    stages = [stage_memory(model_cfg, vocab, layout, seq, microbatches, s) for s in range(layout.pp)]
+    stages = [stage_memory(model_cfg, vocab, layout, seq, layout.microbatches(global_batch), s)
+              for s in range(layout.pp)]
     return max(stages, key=lambda s: s.total)
-
-
-def describe(mem: StageMemory) -> dict[str, Any]:
-    return {"stage": mem.stage, "params_per_rank": sum(mem.params.values()),
-            "gib": {k: round(v, 2) for k, v in mem.breakdown_gib().items()}}
 
